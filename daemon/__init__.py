@@ -1,0 +1,1 @@
+"""The per-node supervisor: config, lifecycle, worker processes, embedded etcd, HTTP."""

@@ -1,0 +1,1 @@
+"""elasticd: fault-tolerance mechanisms, each usable on its own (rendezvous, checkpoint, guard)."""

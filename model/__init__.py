@@ -1,0 +1,1 @@
+"""The supervised workload: GPT model, data mixture and sampler, training loop."""

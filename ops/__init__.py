@@ -1,0 +1,1 @@
+"""Operator tooling: elasticctl, Grafana dashboards, Prometheus alert rules."""

@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Fixtures for real services live in tests/support/."""
