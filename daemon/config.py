@@ -1,0 +1,165 @@
+"""The job configuration document as the daemon sees it, resolved once in ``main()``.
+
+The daemon types its own sections (``nodes``, ``watchdog``, ``drain``, ``metrics``) and the
+``elastic`` ones it acts on (``etcd``, ``checkpoint``, ``guard``, ``rewind``, ``faults``). The
+workload sections (``model``, ``data``, ``train``) belong to the ``model`` package, which the
+daemon never imports: it validates them by running ``python -m model.config --check`` on the
+resolved document, which it then writes to the run directory for its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elastic.checkpoint.config import CheckpointConfig
+from elastic.config import ConfigError, build, check, layered, to_dict
+from elastic.faults import FaultConfig
+from elastic.guard import validate_retention
+from elastic.guard.config import GuardConfig, RewindConfig
+from elastic.rendezvous import EtcdConfig
+
+ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    """YAML section ``nodes``: the elastic range of the group, in nodes."""
+
+    min: int = 1
+    max: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.min >= 1, "min", self.min, "must be >= 1")
+        check(self.max >= self.min, "max", self.max, f"must be >= nodes.min ({self.min})")
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    """YAML section ``watchdog``: hang detection and the crash-loop budget."""
+
+    timeout_seconds: float = 60.0  # no step progress for this long -> restart (reason hang)
+    startup_timeout_seconds: float = 300.0  # allowance for start-up and checkpoint load
+    max_restarts: int = 10  # restarts allowed per window before the run is marked failed
+    restart_window_seconds: float = 600.0
+    poll_seconds: float = 0.5  # how often the daemon looks at its workers
+
+    def __post_init__(self) -> None:
+        for key in ("timeout_seconds", "startup_timeout_seconds", "restart_window_seconds"):
+            value = getattr(self, key)
+            check(value > 0, key, value, "must be > 0")
+        check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0")
+        check(0 < self.poll_seconds <= 5, "poll_seconds", self.poll_seconds, "must be in (0, 5]")
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    """YAML section ``drain``: graceful leave on SIGTERM (pod deletion, preemption)."""
+
+    timeout_seconds: float = 120.0  # checkpoint + clean exit must fit in this
+
+    def __post_init__(self) -> None:
+        check(self.timeout_seconds > 0, "timeout_seconds", self.timeout_seconds, "must be > 0")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """YAML section ``metrics``: the node's HTTP endpoint (/healthz /readyz /metrics)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 9400  # 0 picks a free port (tests)
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The whole document, daemon view."""
+
+    run_id: str = "demo"
+    run_dir: str = "./runs/demo"
+    nodes: NodesConfig = field(default_factory=NodesConfig)
+    nproc_per_node: int = 1
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    rewind: RewindConfig = field(default_factory=RewindConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faults: tuple[FaultConfig, ...] = ()
+    # Workload sections, validated by `python -m model.config --check`.
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.run_id) and all(c.isalnum() or c in "._-" for c in self.run_id),
+            "run_id", self.run_id, "letters, digits, . _ - only",
+        )
+        check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
+
+
+def resolve(
+    path: str | None, *, environ: Mapping[str, str], sets: Sequence[str] = ()
+) -> tuple[DaemonConfig, dict[str, Any]]:
+    """Validated config plus the merged document (for the workers), or ConfigError."""
+    document = layered(path, environ=environ, sets=sets)
+    config = build(DaemonConfig, document)
+    if config.faults and environ.get(ALLOW_FAULTS_ENV) != "1":
+        raise ConfigError(
+            f"faults={len(config.faults)} entries: fault injection is refused unless "
+            f"{ALLOW_FAULTS_ENV}=1"
+        )
+    try:
+        validate_retention(
+            interval_steps=config.checkpoint.interval_steps,
+            keep_last=config.checkpoint.keep_last,
+            rewind=config.rewind,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    check_workload(document, environ=environ)
+    return config, document
+
+
+def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -> None:
+    """Run the workload's own validator on the document (one short subprocess, no torch)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(dict(document), fh)
+        tmp = fh.name
+    try:
+        env = {k: v for k, v in environ.items() if not k.startswith("ELASTICD_")}
+        env[ALLOW_FAULTS_ENV] = environ.get(ALLOW_FAULTS_ENV, "")
+        proc = subprocess.run(
+            [sys.executable, "-m", "model.config", "--config", tmp, "--check"],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )
+    finally:
+        os.unlink(tmp)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise ConfigError(lines[-1].removeprefix("elasticd: invalid config: "))
+
+
+def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
+    """Write the resolved document (what every worker reads) into the run directory."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = dict(document)
+    resolved.update({k: v for k, v in to_dict(config).items() if k not in ("model", "data", "train")})
+    path = run_dir / "config.resolved.yaml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,342 @@
+"""The per-node supervisor: join a round, run workers, watch them, decide, repeat.
+
+One instance per node (``elasticd run``). The loop is deliberately flat:
+
+    while not terminal:
+        assignment = group.join()           # a rendezvous round over etcd v3
+        workers = start(assignment)         # nproc_per_node x `python -m model.train`
+        decision = monitor(workers)         # exits, heartbeats, peers, leases, signals
+        apply(decision)                     # restart / regroup / drain / done / fail
+
+Every decision comes from :func:`daemon.policy.decide`; this module applies it. Workers are
+stopped at once on any failure (no waiting for a collective timeout): a crash anywhere is
+published under the round's abort key, which every daemon polls on each tick.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from daemon import lifecycle
+from daemon.config import DaemonConfig, write_resolved
+from daemon.embedded_etcd import EmbeddedEtcd
+from daemon.group import Group, GroupUnavailable
+from daemon.http import StatusServer
+from daemon.lifecycle import State
+from daemon.metrics import NodeMetrics
+from daemon.policy import Decision, Kind, Observation, Reason, RestartBudget, decide
+from daemon.workers import RoundAssignment, WorkerGroup, read_error_file, worker_env
+from elastic import jsonlog
+from elastic.channel import DaemonChannel
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+EXIT_DIVERGED = 3
+SLOW_PHASES = frozenset({"start", "load", "save", "eval"})
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        document: Mapping[str, Any],
+        *,
+        node_id: str | None,
+        environ: Mapping[str, str],
+    ) -> None:
+        self.config = config
+        self.document = dict(document)
+        self.node = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.environ = dict(environ)
+        self.log = jsonlog.get("daemon")
+        jsonlog.bind(node=self.node)
+        self.metrics = NodeMetrics(run_id=config.run_id, node=self.node)
+        self.state = State.STARTING
+        self.budget = RestartBudget(
+            max_restarts=config.watchdog.max_restarts,
+            window_seconds=config.watchdog.restart_window_seconds,
+        )
+        self.terminate = threading.Event()
+        self.restart_count = 0
+        self.last_step = 0
+        self.detail = ""
+        self._etcd: EmbeddedEtcd | None = None
+        self._http: StatusServer | None = None
+        self.group: Group | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def transition(self, target: State, **fields: Any) -> None:
+        previous = self.state
+        self.state = lifecycle.next_state(self.state, target)
+        if previous is self.state:
+            return
+        self.metrics.set_state(self.state.value)
+        self.log.info("state", state=self.state.value, previous=previous.value, **fields)
+        if self.group is not None:
+            self.group.event({"event": "state", "state": self.state.value,
+                              "previous": previous.value, **fields})
+            self._publish_status()
+
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node, "state": self.state.value, "last_step": self.last_step,
+                "restarts": self.restart_count, "detail": self.detail}
+
+    def _publish_status(self) -> None:
+        if self.group is not None:
+            self.group.publish_node_status(self.status())
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.terminate.set())
+        signal.signal(signal.SIGINT, lambda *_: self.terminate.set())
+        try:
+            return self._run()
+        finally:
+            self._shutdown()
+
+    def _run(self) -> int:
+        self.config_path = write_resolved(self.config, self.document)
+        self._start_http()
+        endpoints = self._etcd_endpoints()
+        self.group = Group(self.config, node=self.node, endpoints=endpoints,
+                           metrics=self.metrics)
+        self.group.register(self.status())
+        self.transition(State.JOINING)
+        while True:
+            if self.terminate.is_set():
+                self.transition(State.DRAINING, reason="signal before a round")
+                self.transition(State.STOPPED)
+                return EXIT_OK
+            assignment = self._join()
+            if assignment is None:
+                continue
+            code = self._run_round(assignment)
+            if code is not None:
+                return code
+
+    def _start_http(self) -> None:
+        m = self.config.metrics
+        self._http = StatusServer(
+            bind=m.bind, port=m.port, registry=self.metrics.registry, status=self.status,
+            ready=lambda: self.state is State.RUNNING,
+        )
+        self._http.start()
+        self.log.info("http", bind=m.bind, port=self._http.port)
+
+    def _etcd_endpoints(self) -> tuple[str, ...]:
+        if self.config.etcd.endpoints:
+            return tuple(self.config.etcd.endpoints)
+        self._etcd = EmbeddedEtcd(Path(self.config.run_dir) / "etcd")
+        self._etcd.start()
+        self.log.info("embedded_etcd", endpoint=self._etcd.endpoint)
+        return (self._etcd.endpoint,)
+
+    def _shutdown(self) -> None:
+        if self.group is not None:
+            self.group.close()
+        if self._http is not None:
+            self._http.close()
+        if self._etcd is not None:
+            self._etcd.stop()
+
+    # ----------------------------------------------------------------- rounds
+    def _join(self) -> RoundAssignment | None:
+        assert self.group is not None
+        started = time.monotonic()
+        try:
+            assignment = self.group.join(
+                restart_count=self.restart_count, should_stop=self.terminate.is_set
+            )
+        except GroupUnavailable as exc:
+            self.detail = str(exc)
+            self.transition(State.WAITING, reason=str(exc))
+            self.terminate.wait(1.0)
+            if not self.terminate.is_set():
+                self.transition(State.JOINING)
+            return None
+        if assignment is None:
+            return None
+        self.metrics.observe_round(time.monotonic() - started)
+        self.metrics.set_group(
+            nodes=assignment.num_nodes, world_size=assignment.world_size,
+            min_nodes=self.config.nodes.min, max_nodes=self.config.nodes.max,
+        )
+        return assignment
+
+    def _run_round(self, assignment: RoundAssignment) -> int | None:
+        worker_dir = Path(self.config.run_dir) / "workers" / f"round-{assignment.round_id}"
+        channel = DaemonChannel(worker_dir)
+        workers = self._start_workers(assignment, worker_dir)
+        self.transition(State.RUNNING, round=assignment.round_id, group_rank=assignment.group_rank,
+                        nodes=assignment.num_nodes, world_size=assignment.world_size)
+        decision = self._monitor(workers, channel, assignment)
+        return self._apply(decision, workers, worker_dir, assignment)
+
+    def _start_workers(self, assignment: RoundAssignment, worker_dir: Path) -> WorkerGroup:
+        envs = [
+            worker_env(self.environ, assignment, local_rank=i, run_id=self.config.run_id,
+                       node=self.node, worker_dir=worker_dir)
+            for i in range(assignment.nproc_per_node)
+        ]
+        self.log.info("workers_start", round=assignment.round_id, world_size=assignment.world_size,
+                      master=f"{assignment.master_addr}:{assignment.master_port}")
+        return WorkerGroup(config_path=self.config_path, envs=envs, node=self.node,
+                           on_line=self._on_worker_line)
+
+    def _on_worker_line(self, local_rank: int, record: dict[str, Any]) -> None:
+        self.metrics.on_worker_line(record)
+        if record.get("event") == "step":
+            self.last_step = int(record.get("step", self.last_step))
+        elif record.get("event") in ("rewind", "diverged", "checkpoint_commit", "drain"):
+            if self.group is not None:
+                self.group.event({k: v for k, v in record.items() if k != "ts"})
+
+    def _monitor(
+        self, workers: WorkerGroup, channel: DaemonChannel, assignment: RoundAssignment
+    ) -> Decision:
+        assert self.group is not None
+        wd = self.config.watchdog
+        progress = _Progress(time.time())
+        draining = regroup = False
+        while True:
+            if self.terminate.is_set() and not draining:
+                draining = True
+                self.transition(State.DRAINING, reason="SIGTERM")
+                channel.send("drain")
+                drain_deadline = time.monotonic() + self.config.drain.timeout_seconds
+            if not draining and not regroup and self.group.regroup_wanted(assignment):
+                regroup = True
+                self.log.info("regroup", reason="membership change", round=assignment.round_id)
+                channel.send("drain")
+            self._relay_control(channel)
+            now = time.time()
+            beats = channel.heartbeats()
+            progress.update(beats, now)
+            self.last_step = max(self.last_step, progress.step)
+            obs = Observation(
+                exit_codes=_exit_codes(workers, assignment.nproc_per_node),
+                last_progress_unix=progress.last_change,
+                now_unix=now,
+                hang_timeout_seconds=(
+                    wd.startup_timeout_seconds if progress.slow_phase else wd.timeout_seconds
+                ),
+                draining=draining,
+                peer_failed=self.group.peer_failed(assignment),
+                node_lost=self.group.member_lost(assignment),
+            )
+            decision = decide(obs)
+            if decision.kind is not Kind.CONTINUE:
+                return decision
+            if draining and time.monotonic() > drain_deadline:
+                return Decision(Kind.DRAINED, Reason.DRAIN, detail="drain timeout")
+            if progress.paused:
+                progress.last_change = now  # a paused group is alive, not hung
+            self.terminate.wait(wd.poll_seconds)
+
+    def _relay_control(self, channel: DaemonChannel) -> None:
+        assert self.group is not None
+        for request in self.group.take_control():
+            channel.send(request["action"], to_step=request.get("to_step"))
+            self.log.info("control", **request)
+
+    def _apply(
+        self,
+        decision: Decision,
+        workers: WorkerGroup,
+        worker_dir: Path,
+        assignment: RoundAssignment,
+    ) -> int | None:
+        assert self.group is not None
+        if decision.kind is Kind.RESTART and decision.reason is Reason.CRASH:
+            self.group.announce_failure(assignment, decision.detail)
+        workers.stop()
+        exits = [e for e in workers.poll() if e.returncode != 0]
+        for e in exits:
+            cause = read_error_file(worker_dir, e.local_rank)
+            self.log.warning("worker_exit", local_rank=e.local_rank, returncode=e.returncode,
+                             signal=e.signal_name, cause=cause, round=assignment.round_id)
+        self.log.info("round_end", decision=decision.kind.value,
+                      reason=decision.reason.value if decision.reason else None,
+                      detail=decision.detail, round=assignment.round_id)
+        if decision.kind is Kind.DONE:
+            self.transition(State.STOPPED, reason="training finished")
+            self.group.mark_run("done")
+            return EXIT_OK
+        if decision.kind is Kind.DRAINED:
+            self.transition(State.STOPPED, reason="drained")
+            self.group.leave()
+            return EXIT_OK
+        if decision.kind is Kind.CONFIG_ERROR:
+            self.detail = decision.detail
+            self.transition(State.FAILED, reason=decision.detail)
+            return EXIT_CONFIG
+        if decision.kind is Kind.DIVERGED:
+            self.detail = decision.detail
+            self.transition(State.DIVERGED, reason=decision.detail)
+            self.group.mark_run("diverged")
+            return self._linger(EXIT_DIVERGED)
+        return self._restart(decision)
+
+    def _restart(self, decision: Decision) -> int | None:
+        reason = decision.reason or Reason.CRASH
+        self.metrics.count_restart(reason.value)
+        if reason is Reason.CRASH or reason is Reason.HANG:
+            if not self.budget.allow(time.monotonic()):
+                self.detail = (f"crash loop: more than {self.config.watchdog.max_restarts} "
+                               f"restarts in {self.config.watchdog.restart_window_seconds:g} s")
+                self.transition(State.FAILED, reason=self.detail)
+                assert self.group is not None
+                self.group.mark_run("failed")
+                return self._linger(EXIT_FAILED)
+        self.restart_count += 1
+        self.log.info("restart", reason=reason.value, detail=decision.detail,
+                      restart_count=self.restart_count)
+        self.transition(State.JOINING, reason=reason.value)
+        return None
+
+    def _linger(self, code: int) -> int:
+        """Stay up (serving /healthz and status) until told to stop: operators need to see why."""
+        self.log.error("stopped_training", state=self.state.value, detail=self.detail)
+        self.terminate.wait()
+        return code
+
+
+class _Progress:
+    """Step progress of this node's workers from their heartbeats."""
+
+    def __init__(self, now: float) -> None:
+        self.last_change = now
+        self.step = 0
+        self.slow_phase = True
+        self.paused = False
+        self._seen: dict[int, tuple[int, str]] = {}
+
+    def update(self, beats: Mapping[int, Any], now: float) -> None:
+        if not beats:
+            return
+        changed = False
+        for rank, beat in beats.items():
+            key = (beat.step, beat.phase)
+            if self._seen.get(rank) != key:
+                self._seen[rank] = key
+                changed = True
+        if changed:
+            self.last_change = now
+        phases = {b.phase for b in beats.values()}
+        self.slow_phase = bool(phases & SLOW_PHASES) or all(b.step == 0 for b in beats.values())
+        self.paused = phases == {"paused"}
+        self.step = max(b.step for b in beats.values())
+
+
+def _exit_codes(workers: WorkerGroup, nproc: int) -> list[int | None]:
+    codes: list[int | None] = [None] * nproc
+    for e in workers.poll():
+        codes[e.local_rank] = e.returncode
+    return codes

@@ -1,0 +1,133 @@
+"""The local channel between a node's daemon and its worker processes: heartbeats and control.
+
+A directory per round (the daemon passes it to workers as ``ELASTICD_WORKER_DIR``) holds
+
+- ``heartbeat-<local_rank>.json``: ``{"step", "phase", "time_unix", "pid"}``, replaced
+  atomically by the worker after every step and at phase changes (``start``, ``load``,
+  ``train``, ``save``, ``eval``); the daemon's watchdog reads it;
+- ``control.json``: ``{"seq", "action", ...}`` written atomically by the daemon; workers poll it
+  once per step (one ``stat``) and act at the next step boundary. Actions: ``drain`` (commit a
+  checkpoint and exit 0), ``pause``, ``resume``, ``rewind`` (``to_step``).
+
+Files, not sockets: both sides survive the other's restart, and a worker stuck in a collective
+simply stops beating, which is exactly what the watchdog must see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WORKER_DIR_ENV = "ELASTICD_WORKER_DIR"
+CONTROL_FILE = "control.json"
+CONTROL_ACTIONS = frozenset({"drain", "pause", "resume", "rewind"})
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    local_rank: int
+    step: int
+    phase: str
+    time_unix: float
+    pid: int
+
+
+@dataclass(frozen=True)
+class Control:
+    seq: int
+    action: str
+    to_step: int | None = None
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class WorkerChannel:
+    """Worker side. With no directory (standalone or under torchrun) every call is a no-op."""
+
+    def __init__(
+        self,
+        directory: str | None,
+        *,
+        local_rank: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dir = Path(directory) if directory else None
+        self._local_rank = local_rank
+        self._clock = clock
+        self._control_mtime_ns = -1
+        self._last_seq = 0
+
+    def beat(self, step: int, phase: str = "train") -> None:
+        if self._dir is None:
+            return
+        payload = {"step": step, "phase": phase, "time_unix": self._clock(), "pid": os.getpid()}
+        _write_atomic(self._dir / f"heartbeat-{self._local_rank}.json", payload)
+
+    def poll(self) -> Control | None:
+        """A control request not seen before, or None (one stat when nothing changed)."""
+        if self._dir is None:
+            return None
+        path = self._dir / CONTROL_FILE
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if mtime_ns == self._control_mtime_ns:
+            return None
+        self._control_mtime_ns = mtime_ns
+        data = _read_json(path)
+        if data is None or int(data.get("seq", 0)) <= self._last_seq:
+            return None
+        self._last_seq = int(data["seq"])
+        to_step = data.get("to_step")
+        return Control(self._last_seq, str(data.get("action")), None if to_step is None else int(to_step))
+
+
+class DaemonChannel:
+    """Daemon side: creates the round directory, reads heartbeats, writes control requests."""
+
+    def __init__(self, directory: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._seq = 0
+
+    def heartbeats(self) -> dict[int, Heartbeat]:
+        beats: dict[int, Heartbeat] = {}
+        for path in self.directory.glob("heartbeat-*.json"):
+            data = _read_json(path)
+            if data is None:
+                continue
+            local_rank = int(path.stem.split("-", 1)[1])
+            beats[local_rank] = Heartbeat(
+                local_rank, int(data["step"]), str(data["phase"]), float(data["time_unix"]),
+                int(data["pid"]),
+            )
+        return beats
+
+    def send(self, action: str, *, to_step: int | None = None) -> int:
+        if action not in CONTROL_ACTIONS:
+            raise ValueError(f"action={action!r}: must be one of {sorted(CONTROL_ACTIONS)}")
+        self._seq += 1
+        payload: dict[str, Any] = {"seq": self._seq, "action": action, "time_unix": self._clock()}
+        if to_step is not None:
+            payload["to_step"] = to_step
+        _write_atomic(self.directory / CONTROL_FILE, payload)
+        return self._seq

@@ -1,0 +1,126 @@
+"""What the training loop asks of the data: this rank's micro-batches of a step, token counts,
+per-source evaluation, and the ``poison_batch`` fault. A thin layer over ``model.mixture``.
+
+The global batch in tokens is fixed by ``train.global_batch_tokens`` whatever the world size;
+each data-parallel rank takes its contiguous slice, split into micro-batches of
+``train.micro_batch_size`` (gradient accumulation fills the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from elastic.config import ConfigError
+from model import distributed
+from model.config import JobConfig
+from model.mixture import DataLedger, Sampler
+from model.mixture import build_sampler as build_mixture
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    sampler: Sampler
+    dp_rank: int
+    dp_size: int
+    micro_batch_size: int
+    eval_batches: int
+
+    def local(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of ``step``: (inputs (B, T), targets (B, T)) each."""
+        batches = self.sampler.local_batch(
+            step, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            micro_batch_size=self.micro_batch_size,
+        )
+        return [(inputs, targets) for inputs, targets, _ in batches]
+
+    def global_tokens(self, step: int) -> int:
+        return self.sampler.batch_size(step) * self.sampler.seq_len_at(step)
+
+    def global_sample_ids(self, step: int) -> list[int]:
+        return [s.sample_id for s in self.sampler.global_batch(step)]
+
+    def stage_index(self, step: int) -> int:
+        return self.sampler.stage_index(step)
+
+    def with_ledger(self, ledger: DataLedger) -> BatchPlan:
+        return replace(self, sampler=self.sampler.with_ledger(ledger))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Held-out loss per source. Every rank runs the same batches (FSDP needs all ranks in
+        each forward); the result is therefore identical everywhere."""
+        model.eval()
+        seq_len = self.sampler.seq_len_at(0)
+        losses: dict[str, float] = {}
+        for source in self.sampler.names:
+            ce_total, tokens = 0.0, 0
+            for index in range(self.eval_batches):
+                inputs, targets = self.sampler.eval_batch(
+                    source, index=index, batch_size=self.micro_batch_size, seq_len=seq_len
+                )
+                logits, _ = model(inputs.to(device))  # (B, T, V)
+                terms = model.loss_terms(logits, targets.to(device))  # type: ignore[operator]
+                ce_total += float(terms.ce_sum)
+                tokens += int(terms.num_tokens)
+            losses[source] = round(ce_total / max(tokens, 1), 6)
+        model.train()
+        return losses
+
+
+def build_sampler(job: JobConfig, info: distributed.DistInfo) -> BatchPlan:
+    """Open the data (building the demo corpus once per node) and check the batch geometry."""
+    data, train = job.data, job.train
+    if data.uses_demo and info.world_size > 1:
+        if info.local_rank == 0:
+            _open(job)  # builds the corpus; the other local ranks wait, then only read it
+        dist.barrier()
+    sampler = _open(job)
+    plan = BatchPlan(sampler, info.rank, info.world_size, train.micro_batch_size,
+                     data.eval_batches)
+    _check_geometry(job, plan)
+    return plan
+
+
+def _open(job: JobConfig) -> Sampler:
+    try:
+        return build_mixture(
+            job.data, run_dir=job.run_dir, seq_len=job.train.seq_len,
+            global_batch_tokens=job.train.global_batch_tokens,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_geometry(job: JobConfig, plan: BatchPlan) -> None:
+    """Fail before anything is written: every stage must split evenly over the ranks."""
+    train, sampler = job.train, plan.sampler
+    per_step = plan.dp_size * plan.micro_batch_size
+    for start in sorted({0, *(s.start_step for s in job.data.stages)}):
+        seq_len = sampler.seq_len_at(start)
+        if seq_len > job.model.max_seq_len:
+            raise ConfigError(
+                f"model.max_seq_len={job.model.max_seq_len}: shorter than seq_len {seq_len} "
+                f"used from step {start}"
+            )
+        samples = sampler.batch_size(start)
+        if samples == 0 or samples % per_step:
+            raise ConfigError(
+                f"train.global_batch_tokens={train.global_batch_tokens}: {samples} samples of "
+                f"{seq_len} tokens (from step {start}) do not divide into world size "
+                f"{plan.dp_size} x train.micro_batch_size {plan.micro_batch_size}"
+            )
+
+
+def poison(
+    inputs: torch.Tensor, targets: torch.Tensor, *, mode: str, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``poison_batch`` fault: random tokens, or one token repeated (degenerate data)."""
+    if mode == "repeat":
+        return torch.full_like(inputs, int(inputs[0, 0])), torch.full_like(targets, int(inputs[0, 0]))
+    generator = torch.Generator().manual_seed(step)
+    vocab = int(max(int(inputs.max()), int(targets.max()))) + 1
+    noise = torch.randint(0, vocab, inputs.shape, generator=generator, dtype=inputs.dtype)
+    return noise, torch.roll(noise, -1, dims=1)

@@ -1,0 +1,135 @@
+"""The job configuration document as a worker sees it, and `python -m model.config --check`.
+
+One YAML document configures a whole run (ARCHITECTURE.md). The sections a worker needs are
+typed here; the daemon-only sections (``nodes``, ``etcd``, ``watchdog``, ``drain``,
+``metrics``, ``nproc_per_node``) are kept as opaque mappings, validated by the daemon. The daemon
+cannot import this package, so it validates ``model``/``data``/``train`` by running
+``python -m model.config --check FILE`` (no torch import: fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from elastic.checkpoint.config import CheckpointConfig
+from elastic.config import ConfigError, build, check, layered, to_dict
+from elastic.faults import FaultConfig
+from elastic.guard.config import GuardConfig, RewindConfig
+from model.data_config import DataConfig
+from model.gpt import GPTConfig
+
+ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """YAML section ``train``: optimisation and loop settings."""
+
+    steps: int = 300  # total optimizer steps of the run
+    global_batch_tokens: int = 8192  # fixed whatever the world size
+    micro_batch_size: int = 4  # samples per rank per micro-step (accumulation fills the rest)
+    seq_len: int = 128  # tokens per sample (a data stage may override it)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234  # model init seed
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model (GPU runs)
+    log_sample_ids: bool = False  # add the global batch's sample ids to each step line
+    threads: int = 0  # torch intra-op threads per worker (0 = leave torch's default)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len"):
+            value = getattr(self, key)
+            check(value > 0, key, value, "must be > 0")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "must be in [0, lr]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+        check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        check(
+            self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda"
+        )
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole document, worker view."""
+
+    run_id: str = "demo"
+    run_dir: str = "./runs/demo"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    rewind: RewindConfig = field(default_factory=RewindConfig)
+    faults: tuple[FaultConfig, ...] = ()
+    # Daemon-owned sections, validated by the daemon.
+    nodes: dict[str, Any] = field(default_factory=dict)
+    nproc_per_node: int = 1
+    etcd: dict[str, Any] = field(default_factory=dict)
+    watchdog: dict[str, Any] = field(default_factory=dict)
+    drain: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(_is_run_id(self.run_id), "run_id", self.run_id, "letters, digits, . _ - only")
+        check(bool(self.run_dir), "run_dir", self.run_dir, "must not be empty")
+        check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
+
+
+def _is_run_id(text: str) -> bool:
+    return bool(text) and all(c.isalnum() or c in "._-" for c in text)
+
+
+def resolve(
+    path: str | None,
+    *,
+    environ: Mapping[str, str],
+    sets: Sequence[str] = (),
+) -> JobConfig:
+    """defaults < YAML < env < --set, validated; faults need ``ELASTICD_ALLOW_FAULTS=1``."""
+    job = build(JobConfig, layered(path, environ=environ, sets=sets))
+    if job.faults and environ.get(ALLOW_FAULTS_ENV) != "1":
+        raise ConfigError(
+            f"faults={len(job.faults)} entries: fault injection is refused unless "
+            f"{ALLOW_FAULTS_ENV}=1"
+        )
+    return job
+
+
+def dump(job: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(job), sort_keys=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.config")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--check", action="store_true", help="validate only")
+    args = parser.parse_args(argv)
+    try:
+        job = resolve(args.config, environ=os.environ, sets=args.sets)
+    except ConfigError as exc:
+        print(f"elasticd: invalid config: {exc}", file=sys.stderr)
+        return 2
+    if not args.check:
+        sys.stdout.write(dump(job))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Process-group set-up for a worker: env contract, device, FSDP2 sharding, teardown.
+
+Workers are started by the elasticd daemon or by plain torchrun; both provide the torch elastic
+env contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Started by hand with no
+such env, a worker forms a one-process group on an in-memory store, so the same code path
+(DTensor parameters, DCP checkpoints) runs everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(environ: Mapping[str, str], *, device_preference: str = "auto") -> DistInfo:
+    """Join the process group described by ``environ`` (or a one-process group)."""
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in environ and "MASTER_ADDR" in environ:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    else:
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT
+        )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, *, bf16: bool) -> None:
+    """FSDP2: each transformer block is one shard unit, the root takes the rest."""
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """One small all-reduce (float64) that every rank leaves with the identical result."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]

@@ -1,0 +1,473 @@
+"""The training loop: ``python -m model.train --config FILE [--set key=value ...]``.
+
+Run by the elasticd daemon (one process per local rank), by plain torchrun, or by hand (one
+process). ``train()`` is a short loop over ``train_step()``; checkpoints, the divergence guard,
+fault injection and the daemon's control requests are applied at step boundaries.
+
+Step numbering: ``step`` is the global, persisted optimizer step; step ``s`` is the s-th update
+(1-based) and checkpoint ``step-<s>`` holds the state after it. The batch of step ``s`` is a pure
+function of (seed, stage, s, data ledger), so resuming at any world size is exact.
+
+Exit codes: 0 done, 2 bad configuration, 3 diverged (rewind budget spent), 4 drained (a
+checkpoint was committed at a step boundary because the daemon asked: the group is changing),
+other non-zero for failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from elastic import jsonlog
+from elastic.channel import WORKER_DIR_ENV, Control, WorkerChannel
+from elastic.checkpoint.app_state import app_state, restore_app_state
+from elastic.checkpoint.manager import CheckpointManager
+from elastic.config import ConfigError, fingerprint
+from elastic.faults import FaultInjector
+from elastic.guard import Action, CheckpointInfo, GiveUp, Guard, RewindPlan, Verdict
+from model import distributed
+from model.batches import BatchPlan, build_sampler, poison
+from model.config import JobConfig, resolve
+from model.gpt import GPT
+from model.ledger import LrWindow, RunLedger
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+EXIT_DRAINED = 4  # checkpoint committed at a step boundary for a group change; not "done"
+NODE_ENV = "ELASTICD_WORKER_NODE"
+PAUSE_POLL_SECONDS = 0.25
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    verdict: Verdict
+    drain: bool = False
+    pause: bool = False
+    rewind_to: int | None = None
+    duration_seconds: float = 0.0
+
+
+@dataclass
+class ControlState:
+    drain: bool = False
+    pause: bool = False
+    resume: bool = False
+    rewind_to: int | None = None
+
+    def take(self, control: Control | None) -> None:
+        if control is None:
+            return
+        if control.action == "drain":
+            self.drain = True
+        elif control.action == "pause":
+            self.pause, self.resume = True, False
+        elif control.action == "resume":
+            self.pause, self.resume = False, True
+        elif control.action == "rewind":
+            self.rewind_to = control.to_step
+
+
+@dataclass
+class Trainer:
+    job: JobConfig
+    info: distributed.DistInfo
+    channel: WorkerChannel
+    log: Any = field(default_factory=lambda: jsonlog.get("train"))
+
+    def __post_init__(self) -> None:
+        train = self.job.train
+        self.plan: BatchPlan = build_sampler(self.job, self.info)
+        torch.manual_seed(train.seed)
+        self.model = GPT(self.job.model, seed=train.seed).to(self.info.device)
+        distributed.shard(self.model, self.model.blocks, bf16=self.info.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, train.weight_decay),
+            lr=train.lr,
+            betas=(train.beta1, train.beta2),
+        )
+        self.ckpt = CheckpointManager(
+            self.job.checkpoint,
+            run_id=self.job.run_id,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        self.guard = Guard(self.job.guard, self.job.rewind)
+        self.ledger = RunLedger()
+        self.faults = FaultInjector(self.job.faults, rank=self.info.rank, record=self.ckpt.storage)
+        self.spikes: list[LrWindow] = []
+        self.committed: dict[int, bool] = {}
+        self.control = ControlState()
+        self.step = 0
+        self.last_loss = float("nan")
+
+    # ----------------------------------------------------------------- schedule
+    def lr_at(self, step: int) -> float:
+        t = self.job.train
+        if t.warmup_steps and step <= t.warmup_steps:
+            base = t.lr * step / t.warmup_steps
+        else:
+            span = max(1, t.steps - t.warmup_steps)
+            progress = min(1.0, (step - t.warmup_steps) / span)
+            base = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+        for window in self.spikes:
+            if window.start_step <= step < window.end_step:
+                base *= window.factor
+        return base * self.guard.lr_scale(step)
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, step: int) -> StepResult:
+        started = time.perf_counter()
+        info, train = self.info, self.job.train
+        micro_batches = self.plan.local(step)
+        poisoned = self.faults.due("poison_batch", step)
+        nan_fault = self.faults.due("nan", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Scaled so FSDP's mean over ranks yields the exact gradient of the global mean loss.
+        scale = info.world_size / self.plan.global_tokens(step)
+        ce_local = 0.0
+        for index, (inputs, targets) in enumerate(micro_batches):
+            if poisoned is not None:
+                inputs, targets = poison(inputs, targets, mode=poisoned.mode, step=step)
+            self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            logits, _ = self.model(inputs.to(info.device))  # (B, T, vocab)
+            terms = self.model.loss_terms(logits, targets.to(info.device))
+            loss = self.model.objective(terms, num_tokens=1) * scale
+            ce_sum = terms.ce_sum
+            if nan_fault is not None:
+                loss = loss * float("nan")
+            loss.backward()
+            ce_local += float(ce_sum.detach())  # sync point, once per micro-batch
+        grad_norm = _grad_norm(self.model, train.grad_clip)
+        self.control.take(self.channel.poll())
+        return self._agree(step, ce_local, grad_norm, started)
+
+    def _agree(self, step: int, ce_local: float, grad_norm: float, started: float) -> StepResult:
+        """The one per-step collective: loss, finiteness, grad norm and control, then a verdict."""
+        main = self.info.is_main
+        nonfinite = 0.0 if math.isfinite(ce_local) else 1.0
+        c = self.control
+        sums = distributed.sum_across_ranks(
+            [
+                ce_local / self.plan.global_tokens(step),
+                nonfinite,
+                grad_norm if main else 0.0,  # rank 0's value: identical bits on every rank
+                float(c.drain),
+                float(c.pause),
+                float(c.rewind_to if (main and c.rewind_to is not None) else -1.0),
+            ],
+            self.info.device,
+        )
+        loss, grad_norm = sums[0], sums[2]
+        finite = sums[1] == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
+        verdict = self.guard.observe(step, loss=loss, grad_norm=grad_norm, finite=finite)
+        if verdict.action is Action.OK:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            self.optimizer.step()
+        rewind_to = int(sums[5]) if sums[5] >= 0 else None
+        return StepResult(
+            step, loss, grad_norm, verdict, drain=sums[3] > 0, pause=sums[4] > 0,
+            rewind_to=rewind_to, duration_seconds=time.perf_counter() - started,
+        )
+
+    # ----------------------------------------------------------------- the loop
+    def train(self) -> int:
+        self.channel.beat(self.step, "load")
+        self.restore()
+        if self.faults.due("crash_on_start") is not None:
+            self.log.error("fault_injected", kind="crash_on_start")
+            os._exit(13)
+        while self.step < self.job.train.steps:
+            next_step = self.step + 1
+            self._fire_process_faults(next_step)
+            result = self.train_step(next_step)
+            self.step = next_step
+            self._log_step(result)
+            self.channel.beat(self.step)
+            code = self._after_step(result)
+            if code is not None:
+                return code
+        self._save(self.step, reason="final")
+        self.ckpt.wait()
+        self._log_event("done", final_loss=self.last_loss)
+        return EXIT_OK
+
+    def _after_step(self, result: StepResult) -> int | None:
+        if result.verdict.action is not Action.OK:
+            code = self._on_anomaly(result)
+            if code is not None:
+                return code
+        else:
+            self.last_loss = result.loss
+        if result.rewind_to is not None:
+            self.control.rewind_to = None
+            self._manual_rewind(result.rewind_to, trigger_step=result.step)
+            return None
+        if self.step % self.job.checkpoint.interval_steps == 0:
+            self._save(self.step, reason="interval")
+        self._promote()
+        self._maybe_eval()
+        if result.pause and not result.drain:
+            result.drain = self._paused()
+        if result.drain:
+            self._save(self.step, reason="drain")
+            self.ckpt.wait()
+            self._log_event("drain", status="drained")
+            return EXIT_DRAINED
+        return None
+
+    def _on_anomaly(self, result: StepResult) -> int | None:
+        verdict = result.verdict
+        self._log_event(
+            "divergence", kind=verdict.kind, action=verdict.action.value,
+            reasons=list(verdict.reasons), onset_step=verdict.onset_step, loss=result.loss,
+            grad_norm=result.grad_norm,
+        )
+        self.ledger.record("divergence", step=result.step, kind=verdict.kind,
+                           action=verdict.action.value, onset_step=verdict.onset_step)
+        if verdict.action is Action.SKIP_STEP:
+            return None
+        if verdict.action is Action.REWIND:
+            checkpoints = [CheckpointInfo(s, good) for s, good in sorted(self.committed.items())]
+            plan = self.guard.plan_rewind(verdict, trigger_step=result.step, checkpoints=checkpoints)
+            if isinstance(plan, RewindPlan):
+                self._rewind(plan)
+                return None
+            return self._give_up(plan.reasons)
+        return self._give_up(verdict.reasons)
+
+    def _give_up(self, reasons: Sequence[str]) -> int:
+        self.ledger.record("diverged", step=self.step, reasons=list(reasons))
+        self._write_ledger()
+        self._log_event("diverged", reasons=list(reasons), level="error")
+        self.ckpt.wait()
+        return EXIT_DIVERGED
+
+    # ----------------------------------------------------------------- rewind
+    def _rewind(self, plan: RewindPlan) -> None:
+        self.ckpt.wait()
+        if self.info.is_main:
+            self.ckpt.retire_after(plan.to_step)
+        dist.barrier()
+        window = (plan.to_step + 1, plan.trigger_step + 1)
+        self.ledger.add_data_action(plan.data_action, *window)
+        self.guard.record_rewind(plan)
+        self.plan = self.plan.with_ledger(self.ledger.data)
+        self._load(step=plan.to_step, keep_ledger=True)
+        self.committed = {s: g for s, g in self.committed.items() if s <= plan.to_step}
+        self.ledger.record("rewind", step=plan.trigger_step, to_step=plan.to_step,
+                           onset_step=plan.onset_step, data_action=plan.data_action,
+                           window=list(window), reasons=list(plan.reasons))
+        self.ledger.at_step = plan.to_step
+        self._write_ledger()
+        self._log_event(
+            "rewind", to_step=plan.to_step, onset_step=plan.onset_step,
+            trigger_step=plan.trigger_step, data_action=plan.data_action, window=list(window),
+            lr_multiplier=plan.lr_multiplier, reasons=list(plan.reasons),
+        )
+
+    def _manual_rewind(self, to_step: int, *, trigger_step: int) -> None:
+        if to_step not in self.committed:
+            self._log_event("rewind_refused", to_step=to_step, reason="no such checkpoint",
+                            level="warning")
+            return
+        rewind = self.job.rewind
+        reason = f"operator request: rewind to step {to_step}"
+        self.guard.request_rewind(trigger_step, onset_step=to_step + 1, reason=reason)
+        plan = RewindPlan(
+            to_step=to_step, onset_step=to_step + 1, trigger_step=trigger_step,
+            data_action=rewind.data, window=(to_step + 1, trigger_step + 1),
+            lr_multiplier=rewind.lr_multiplier, lr_multiplier_steps=rewind.lr_multiplier_steps,
+            reasons=(reason,), index=len(self.guard.history),
+        )
+        self._rewind(plan)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return app_state(self.model, self.optimizer)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.to_json(),
+            "guard": self.guard.state_dict(),
+            "data": {"step": self.step, "stage": self.plan.stage_index(self.step + 1)},
+            "fingerprint": {"model": fingerprint(self.job.model), "job": fingerprint(self.job)},
+            "health": {"loss": self.last_loss, "guard_state": str(self.guard.state.value)},
+        }
+
+    def _save(self, step: int, *, reason: str) -> None:
+        if step in self.committed or step == 0:
+            return
+        self.channel.beat(step, "save")
+        self.ckpt.save(step, self._state(), meta=self._meta())
+        self.committed[step] = False
+        self.channel.beat(step, "train")
+
+    def _load(self, *, step: int | None, keep_ledger: bool) -> None:
+        state = self._state()
+        manifest = self.ckpt.load(state, step=step)
+        if manifest is None:
+            return
+        restore_app_state(self.model, self.optimizer, state)
+        self.step = manifest.step
+        if not keep_ledger:
+            self._adopt_meta(manifest.meta, manifest.step)
+
+    def _adopt_meta(self, meta: dict[str, Any], step: int) -> None:
+        saved = RunLedger.from_json(meta.get("ledger"))
+        stored = RunLedger.from_json(self._read_ledger())
+        self.ledger = saved.merged(stored)
+        guard_state = meta.get("guard")
+        if stored.at_step is not None and stored.at_step >= step and stored.guard is not None:
+            guard_state = stored.guard  # a rewind happened after this checkpoint was saved
+        self.guard = Guard(self.job.guard, self.job.rewind, state=guard_state)
+        self.plan = self.plan.with_ledger(self.ledger.data)
+        if meta.get("fingerprint", {}).get("model") != fingerprint(self.job.model):
+            self._log_event("config_changed", section="model", level="warning")
+
+    def restore(self) -> None:
+        self._load(step=None, keep_ledger=False)
+        self.committed = {m.step: m.known_good for m in self.ckpt.list() if m.step <= self.step}
+        self.spikes = []
+        jsonlog.bind(step=None)
+        self._log_event("start", resumed_from=self.step or None, world_size=self.info.world_size)
+
+    def _promote(self) -> None:
+        checkpoints = [CheckpointInfo(s, good) for s, good in sorted(self.committed.items())]
+        for step in self.guard.promotions(step=self.step, checkpoints=checkpoints):
+            if self.info.is_main:
+                self.ckpt.wait()
+                self.ckpt.mark_known_good(step)
+            self.committed[step] = True
+
+    def _write_ledger(self) -> None:
+        self.ledger.guard = self.guard.state_dict()
+        if self.info.is_main:
+            self.ckpt.storage.write_bytes(RunLedger.FILE, self.ledger.dumps())
+
+    def _read_ledger(self) -> dict[str, Any] | None:
+        if not self.ckpt.storage.exists(RunLedger.FILE):
+            return None
+        return RunLedger.loads(self.ckpt.storage.read_bytes(RunLedger.FILE))
+
+    # ----------------------------------------------------------------- control, faults, eval
+    def _paused(self) -> bool:
+        """Hold at this step boundary until every rank sees resume (False) or drain (True)."""
+        self._log_event("paused")
+        while True:
+            self.channel.beat(self.step, "paused")
+            time.sleep(PAUSE_POLL_SECONDS)
+            self.control.take(self.channel.poll())
+            resume, drain = distributed.sum_across_ranks(
+                [float(self.control.resume), float(self.control.drain)], self.info.device
+            )
+            if drain > 0 or resume > 0:
+                self.control.resume = False
+                self._log_event("resumed")
+                return drain > 0
+
+    def _fire_process_faults(self, step: int) -> None:
+        for index, fault in self.faults.scheduled("lr_spike"):
+            if fault.step == step and self.faults.due("lr_spike", step) is not None:
+                self.spikes.append(LrWindow(step, step + fault.duration_steps, fault.factor))
+                self._log_event("fault_injected", kind="lr_spike", fault=index)
+        if self.faults.due("kill", step) is not None:
+            self._log_event("fault_injected", kind="kill")
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.faults.due("hang", step) is not None:
+            self._log_event("fault_injected", kind="hang")
+            sys.stdout.flush()
+            while True:  # no heartbeat from here on: the daemon's watchdog must notice
+                time.sleep(3600)
+
+    def _maybe_eval(self) -> None:
+        every = self.job.data.eval_every_steps
+        if every <= 0 or self.step % every:
+            return
+        self.channel.beat(self.step, "eval")
+        losses = self.plan.evaluate(self.model, self.info.device)
+        self._log_event("eval", losses=losses)
+
+    # ----------------------------------------------------------------- logs
+    def _log_step(self, result: StepResult) -> None:
+        if not self.info.is_main:
+            return
+        tokens = self.plan.global_tokens(result.step)
+        fields: dict[str, Any] = {
+            "step": result.step,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": self.lr_at(result.step),
+            "world_size": self.info.world_size,
+            "tokens_per_s": round(tokens / max(result.duration_seconds, 1e-9), 1),
+            "step_seconds": round(result.duration_seconds, 5),
+            "skipped": result.verdict.action is not Action.OK,
+        }
+        if self.job.train.log_sample_ids:
+            fields["sample_ids"] = self.plan.global_sample_ids(result.step)
+        self.log.info("step", **fields)
+
+    def _log_event(self, event: str, *, level: str = "info", **fields: Any) -> None:
+        if self.info.is_main:
+            getattr(self.log, level)(event, step=self.step, **fields)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (embeddings and projections), not on norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--set", action="append", default=[], dest="sets")
+    args = parser.parse_args(argv)
+    try:
+        job = resolve(args.config, environ=os.environ, sets=args.sets)
+    except ConfigError as exc:
+        print(f"elasticd: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if job.train.threads:
+        torch.set_num_threads(job.train.threads)
+    info = distributed.init(os.environ, device_preference=job.train.device)
+    jsonlog.configure(run_id=job.run_id, node=os.environ.get(NODE_ENV), rank=info.rank)
+    try:
+        channel = WorkerChannel(os.environ.get(WORKER_DIR_ENV), local_rank=info.local_rank)
+        trainer = Trainer(job, info, channel)
+        return trainer.train()
+    except ConfigError as exc:
+        print(f"elasticd: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
