@@ -1,0 +1,1 @@
+"""Tests of elastic.guard: plain numbers, no torch."""
