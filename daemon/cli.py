@@ -22,11 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="supervise training on this node")
     run.add_argument("--config", required=True, help="YAML job configuration")
-    run.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                     help="override one key (dotted path), e.g. --set train.steps=100")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="KEY=VALUE",
+        help="override one key (dotted path), e.g. --set train.steps=100",
+    )
     run.add_argument("--node-id", default=None, help="this node's name (default: hostname-pid)")
-    sub.add_parser("prepare-data", help="tokenize text/JSONL into shards (python -m model.prepare)",
-                   add_help=False)
+    sub.add_parser(
+        "prepare-data",
+        help="tokenize text/JSONL into shards (python -m model.prepare)",
+        add_help=False,
+    )
     return parser
 
 

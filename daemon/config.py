@@ -105,7 +105,9 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         check(
             bool(self.run_id) and all(c.isalnum() or c in "._-" for c in self.run_id),
-            "run_id", self.run_id, "letters, digits, . _ - only",
+            "run_id",
+            self.run_id,
+            "letters, digits, . _ - only",
         )
         check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
 
@@ -126,6 +128,7 @@ def resolve(
             interval_steps=config.checkpoint.interval_steps,
             keep_last=config.checkpoint.keep_last,
             rewind=config.rewind,
+            guard=config.guard,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -143,7 +146,11 @@ def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -
         env[ALLOW_FAULTS_ENV] = environ.get(ALLOW_FAULTS_ENV, "")
         proc = subprocess.run(
             [sys.executable, "-m", "model.config", "--config", tmp, "--check"],
-            capture_output=True, text=True, env=env, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
         )
     finally:
         os.unlink(tmp)
@@ -157,7 +164,8 @@ def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = dict(document)
-    resolved.update({k: v for k, v in to_dict(config).items() if k not in ("model", "data", "train")})
+    typed = to_dict(config)
+    resolved.update({k: v for k, v in typed.items() if k not in ("model", "data", "train")})
     path = run_dir / "config.resolved.yaml"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")

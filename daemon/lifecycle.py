@@ -1,24 +1,24 @@
 """The daemon's lifecycle states and the transitions between them (one table, pure).
 
-    starting -> joining          etcd connected, node registered
-    joining  -> running          a round formed with this node in it
-    joining  -> waiting          fewer than nodes.min alive: wait, do not exit
-    waiting  -> joining          enough nodes again
-    running  -> joining          workers stopped (crash, hang, node lost, scale, rewind)
-    running  -> draining         SIGTERM: commit a checkpoint, leave
-    running  -> failed           crash loop past the restart budget
-    running  -> diverged         the divergence guard spent its rewind budget
-    running  -> stopped          training finished
-    draining -> stopped          checkpoint committed, lease revoked
-    any      -> stopped          shutdown after a fatal error (logged)
+starting -> joining          etcd connected, node registered
+joining  -> running          a round formed with this node in it
+joining  -> waiting          fewer than nodes.min alive: wait, do not exit
+waiting  -> joining          enough nodes again
+running  -> joining          workers stopped (crash, hang, node lost, scale, rewind)
+running  -> draining         SIGTERM: commit a checkpoint, leave
+running  -> failed           crash loop past the restart budget
+running  -> diverged         the divergence guard spent its rewind budget
+running  -> stopped          training finished
+draining -> stopped          checkpoint committed, lease revoked
+any      -> stopped          shutdown after a fatal error (logged)
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class State(str, Enum):
+class State(StrEnum):
     STARTING = "starting"
     JOINING = "joining"
     RUNNING = "running"

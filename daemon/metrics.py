@@ -17,8 +17,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-DAEMON_STATES = ("starting", "joining", "running", "draining", "waiting", "failed", "diverged",
-                 "stopped")
+DAEMON_STATES = (
+    "starting",
+    "joining",
+    "running",
+    "draining",
+    "waiting",
+    "failed",
+    "diverged",
+    "stopped",
+)
 GUARD_STATES = ("ok", "watching", "rewinding", "diverged")
 RESTART_REASONS = ("crash", "hang", "node_lost", "scale", "drain", "rewind")
 DIVERGENCE_KINDS = ("nan", "loss_spike", "grad_spike", "sustained")
@@ -52,8 +60,9 @@ class NodeMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, base, buckets=buckets, registry=self.registry)
 
-        self.daemon_state = gauge("elasticd_daemon_state", "1 for the daemon's current state",
-                                  ("state",))
+        self.daemon_state = gauge(
+            "elasticd_daemon_state", "1 for the daemon's current state", ("state",)
+        )
         self.etcd_up = gauge("elasticd_etcd_up", "1 when the daemon reaches etcd")
         self.world_size = gauge("elasticd_group_world_size", "Worker processes in the group")
         self.nodes = gauge("elasticd_group_nodes", "Nodes in the current round")
@@ -63,38 +72,50 @@ class NodeMetrics:
         self.round_seconds = histogram(
             "elasticd_rendezvous_duration_seconds", "Time to form a round", ROUND_BUCKETS
         )
-        self.restarts = counter("elasticd_worker_restarts_total", "Worker group restarts",
-                                ("reason",))
+        self.restarts = counter(
+            "elasticd_worker_restarts_total", "Worker group restarts", ("reason",)
+        )
         self.step = gauge("elasticd_train_step", "Last completed optimizer step")
         self.loss = gauge("elasticd_train_loss", "Training loss of the last step")
         self.grad_norm = gauge("elasticd_train_grad_norm", "Gradient norm before clipping")
         self.lr = gauge("elasticd_train_learning_rate", "Learning rate of the last step")
-        self.tokens_per_second = gauge("elasticd_train_tokens_per_second",
-                                       "Global tokens per second of the last step")
-        self.step_seconds = histogram("elasticd_train_step_duration_seconds",
-                                      "Optimizer step wall time", STEP_BUCKETS)
-        self.last_step_time = gauge("elasticd_train_last_step_timestamp_seconds",
-                                    "Unix time of the last completed step")
-        self.eval_loss = gauge("elasticd_eval_loss", "Held-out loss per data source",
-                               ("source",))
-        self.save_seconds = histogram("elasticd_checkpoint_save_duration_seconds",
-                                      "Checkpoint save time", IO_BUCKETS)
-        self.load_seconds = histogram("elasticd_checkpoint_load_duration_seconds",
-                                      "Checkpoint load time", IO_BUCKETS)
-        self.saved_bytes = counter("elasticd_checkpoint_saved_bytes_total",
-                                   "Bytes of committed checkpoints")
-        self.last_committed = gauge("elasticd_checkpoint_last_committed_step",
-                                    "Step of the newest committed checkpoint")
-        self.last_known_good = gauge("elasticd_checkpoint_last_known_good_step",
-                                     "Step of the newest known-good checkpoint")
-        self.last_commit_time = gauge("elasticd_checkpoint_last_commit_timestamp_seconds",
-                                      "Unix time of the newest checkpoint commit")
-        self.divergence = counter("elasticd_guard_divergence_events_total",
-                                  "Anomalous steps seen by the guard", ("kind",))
+        self.tokens_per_second = gauge(
+            "elasticd_train_tokens_per_second", "Global tokens per second of the last step"
+        )
+        self.step_seconds = histogram(
+            "elasticd_train_step_duration_seconds", "Optimizer step wall time", STEP_BUCKETS
+        )
+        self.last_step_time = gauge(
+            "elasticd_train_last_step_timestamp_seconds", "Unix time of the last completed step"
+        )
+        self.eval_loss = gauge("elasticd_eval_loss", "Held-out loss per data source", ("source",))
+        self.save_seconds = histogram(
+            "elasticd_checkpoint_save_duration_seconds", "Checkpoint save time", IO_BUCKETS
+        )
+        self.load_seconds = histogram(
+            "elasticd_checkpoint_load_duration_seconds", "Checkpoint load time", IO_BUCKETS
+        )
+        self.saved_bytes = counter(
+            "elasticd_checkpoint_saved_bytes_total", "Bytes of committed checkpoints"
+        )
+        self.last_committed = gauge(
+            "elasticd_checkpoint_last_committed_step", "Step of the newest committed checkpoint"
+        )
+        self.last_known_good = gauge(
+            "elasticd_checkpoint_last_known_good_step", "Step of the newest known-good checkpoint"
+        )
+        self.last_commit_time = gauge(
+            "elasticd_checkpoint_last_commit_timestamp_seconds",
+            "Unix time of the newest checkpoint commit",
+        )
+        self.divergence = counter(
+            "elasticd_guard_divergence_events_total", "Anomalous steps seen by the guard", ("kind",)
+        )
         self.skipped = counter("elasticd_guard_skipped_steps_total", "Optimizer steps skipped")
         self.rewinds = counter("elasticd_guard_rewinds_total", "Rewinds to a checkpoint")
-        self.guard_state = gauge("elasticd_guard_state", "1 for the guard's current state",
-                                 ("state",))
+        self.guard_state = gauge(
+            "elasticd_guard_state", "1 for the guard's current state", ("state",)
+        )
         self._init_series()
 
     def _init_series(self) -> None:
@@ -144,8 +165,12 @@ class NodeMetrics:
 
     def _on_step(self, r: dict[str, Any]) -> None:
         self._l(self.step).set(r["step"])
-        for gauge, key in ((self.loss, "loss"), (self.grad_norm, "grad_norm"), (self.lr, "lr"),
-                           (self.tokens_per_second, "tokens_per_s")):
+        for gauge, key in (
+            (self.loss, "loss"),
+            (self.grad_norm, "grad_norm"),
+            (self.lr, "lr"),
+            (self.tokens_per_second, "tokens_per_s"),
+        ):
             value = r.get(key)
             if isinstance(value, int | float):
                 self._l(gauge).set(value)

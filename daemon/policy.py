@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -19,7 +19,7 @@ EXIT_DRAINED = 4  # a worker committed a checkpoint at a step boundary and left 
 CLEAN = frozenset({EXIT_OK, EXIT_DRAINED})
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why workers stopped (also the ``reason`` label of the restart counter)."""
 
     CRASH = "crash"
@@ -30,7 +30,7 @@ class Reason(str, Enum):
     REWIND = "rewind"
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     CONTINUE = "continue"  # nothing to do this tick
     RESTART = "restart"  # stop workers now, form a new round
     REGROUP = "regroup"  # workers drained cleanly for a membership change: new round

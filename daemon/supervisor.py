@@ -41,6 +41,8 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_DIVERGED = 3
 SLOW_PHASES = frozenset({"start", "load", "save", "eval"})
+# Worker events that also go to the run's event log in etcd (elasticctl events).
+RELAYED_EVENTS = frozenset({"rewind", "diverged", "divergence", "checkpoint_commit", "drain"})
 
 
 class Supervisor:
@@ -81,13 +83,19 @@ class Supervisor:
         self.metrics.set_state(self.state.value)
         self.log.info("state", state=self.state.value, previous=previous.value, **fields)
         if self.group is not None:
-            self.group.event({"event": "state", "state": self.state.value,
-                              "previous": previous.value, **fields})
+            self.group.event(
+                {"event": "state", "state": self.state.value, "previous": previous.value, **fields}
+            )
             self._publish_status()
 
     def status(self) -> dict[str, Any]:
-        return {"node": self.node, "state": self.state.value, "last_step": self.last_step,
-                "restarts": self.restart_count, "detail": self.detail}
+        return {
+            "node": self.node,
+            "state": self.state.value,
+            "last_step": self.last_step,
+            "restarts": self.restart_count,
+            "detail": self.detail,
+        }
 
     def _publish_status(self) -> None:
         if self.group is not None:
@@ -105,8 +113,7 @@ class Supervisor:
         self.config_path = write_resolved(self.config, self.document)
         self._start_http()
         endpoints = self._etcd_endpoints()
-        self.group = Group(self.config, node=self.node, endpoints=endpoints,
-                           metrics=self.metrics)
+        self.group = Group(self.config, node=self.node, endpoints=endpoints, metrics=self.metrics)
         self.group.register(self.status())
         self.transition(State.JOINING)
         while True:
@@ -124,7 +131,10 @@ class Supervisor:
     def _start_http(self) -> None:
         m = self.config.metrics
         self._http = StatusServer(
-            bind=m.bind, port=m.port, registry=self.metrics.registry, status=self.status,
+            bind=m.bind,
+            port=m.port,
+            registry=self.metrics.registry,
+            status=self.status,
             ready=lambda: self.state is State.RUNNING,
         )
         self._http.start()
@@ -165,8 +175,10 @@ class Supervisor:
             return None
         self.metrics.observe_round(time.monotonic() - started)
         self.metrics.set_group(
-            nodes=assignment.num_nodes, world_size=assignment.world_size,
-            min_nodes=self.config.nodes.min, max_nodes=self.config.nodes.max,
+            nodes=assignment.num_nodes,
+            world_size=assignment.world_size,
+            min_nodes=self.config.nodes.min,
+            max_nodes=self.config.nodes.max,
         )
         return assignment
 
@@ -174,29 +186,44 @@ class Supervisor:
         worker_dir = Path(self.config.run_dir) / "workers" / f"round-{assignment.round_id}"
         channel = DaemonChannel(worker_dir)
         workers = self._start_workers(assignment, worker_dir)
-        self.transition(State.RUNNING, round=assignment.round_id, group_rank=assignment.group_rank,
-                        nodes=assignment.num_nodes, world_size=assignment.world_size)
+        self.transition(
+            State.RUNNING,
+            round=assignment.round_id,
+            group_rank=assignment.group_rank,
+            nodes=assignment.num_nodes,
+            world_size=assignment.world_size,
+        )
         decision = self._monitor(workers, channel, assignment)
         return self._apply(decision, workers, worker_dir, assignment)
 
     def _start_workers(self, assignment: RoundAssignment, worker_dir: Path) -> WorkerGroup:
         envs = [
-            worker_env(self.environ, assignment, local_rank=i, run_id=self.config.run_id,
-                       node=self.node, worker_dir=worker_dir)
+            worker_env(
+                self.environ,
+                assignment,
+                local_rank=i,
+                run_id=self.config.run_id,
+                node=self.node,
+                worker_dir=worker_dir,
+            )
             for i in range(assignment.nproc_per_node)
         ]
-        self.log.info("workers_start", round=assignment.round_id, world_size=assignment.world_size,
-                      master=f"{assignment.master_addr}:{assignment.master_port}")
-        return WorkerGroup(config_path=self.config_path, envs=envs, node=self.node,
-                           on_line=self._on_worker_line)
+        self.log.info(
+            "workers_start",
+            round=assignment.round_id,
+            world_size=assignment.world_size,
+            master=f"{assignment.master_addr}:{assignment.master_port}",
+        )
+        return WorkerGroup(
+            config_path=self.config_path, envs=envs, node=self.node, on_line=self._on_worker_line
+        )
 
     def _on_worker_line(self, local_rank: int, record: dict[str, Any]) -> None:
         self.metrics.on_worker_line(record)
         if record.get("event") == "step":
             self.last_step = int(record.get("step", self.last_step))
-        elif record.get("event") in ("rewind", "diverged", "checkpoint_commit", "drain"):
-            if self.group is not None:
-                self.group.event({k: v for k, v in record.items() if k != "ts"})
+        elif self.group is not None and record.get("event") in RELAYED_EVENTS:
+            self.group.event({k: v for k, v in record.items() if k != "ts"})
 
     def _monitor(
         self, workers: WorkerGroup, channel: DaemonChannel, assignment: RoundAssignment
@@ -260,11 +287,21 @@ class Supervisor:
         exits = [e for e in workers.poll() if e.returncode != 0]
         for e in exits:
             cause = read_error_file(worker_dir, e.local_rank)
-            self.log.warning("worker_exit", local_rank=e.local_rank, returncode=e.returncode,
-                             signal=e.signal_name, cause=cause, round=assignment.round_id)
-        self.log.info("round_end", decision=decision.kind.value,
-                      reason=decision.reason.value if decision.reason else None,
-                      detail=decision.detail, round=assignment.round_id)
+            self.log.warning(
+                "worker_exit",
+                local_rank=e.local_rank,
+                returncode=e.returncode,
+                signal=e.signal_name,
+                cause=cause,
+                round=assignment.round_id,
+            )
+        self.log.info(
+            "round_end",
+            decision=decision.kind.value,
+            reason=decision.reason.value if decision.reason else None,
+            detail=decision.detail,
+            round=assignment.round_id,
+        )
         if decision.kind is Kind.DONE:
             self.transition(State.STOPPED, reason="training finished")
             self.group.mark_run("done")
@@ -287,17 +324,21 @@ class Supervisor:
     def _restart(self, decision: Decision) -> int | None:
         reason = decision.reason or Reason.CRASH
         self.metrics.count_restart(reason.value)
-        if reason is Reason.CRASH or reason is Reason.HANG:
-            if not self.budget.allow(time.monotonic()):
-                self.detail = (f"crash loop: more than {self.config.watchdog.max_restarts} "
-                               f"restarts in {self.config.watchdog.restart_window_seconds:g} s")
-                self.transition(State.FAILED, reason=self.detail)
-                assert self.group is not None
-                self.group.mark_run("failed")
-                return self._linger(EXIT_FAILED)
+        counted = reason in (Reason.CRASH, Reason.HANG)
+        if counted and not self.budget.allow(time.monotonic()):
+            wd = self.config.watchdog
+            self.detail = (
+                f"crash loop: more than {wd.max_restarts} restarts in "
+                f"{wd.restart_window_seconds:g} s"
+            )
+            self.transition(State.FAILED, reason=self.detail)
+            assert self.group is not None
+            self.group.mark_run("failed")
+            return self._linger(EXIT_FAILED)
         self.restart_count += 1
-        self.log.info("restart", reason=reason.value, detail=decision.detail,
-                      restart_count=self.restart_count)
+        self.log.info(
+            "restart", reason=reason.value, detail=decision.detail, restart_count=self.restart_count
+        )
         self.transition(State.JOINING, reason=reason.value)
         return None
 

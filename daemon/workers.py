@@ -9,6 +9,7 @@ in the worker), and exit codes read the same way (negative = killed by that sign
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,9 +145,7 @@ class WorkerGroup:
     def poll(self) -> list[WorkerExit]:
         """Exits so far (any order); empty while all run."""
         return [
-            WorkerExit(i, code)
-            for i, p in enumerate(self._procs)
-            if (code := p.poll()) is not None
+            WorkerExit(i, code) for i, p in enumerate(self._procs) if (code := p.poll()) is not None
         ]
 
     def all_exited(self) -> bool:
@@ -173,10 +172,8 @@ class WorkerGroup:
     def _signal_all(self, sig: signal.Signals) -> None:
         for proc in self._procs:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
 
     def _relay(self, local_rank: int, rank: int, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None

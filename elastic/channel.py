@@ -97,7 +97,8 @@ class WorkerChannel:
             return None
         self._last_seq = int(data["seq"])
         to_step = data.get("to_step")
-        return Control(self._last_seq, str(data.get("action")), None if to_step is None else int(to_step))
+        action = str(data.get("action"))
+        return Control(self._last_seq, action, None if to_step is None else int(to_step))
 
 
 class DaemonChannel:
@@ -117,7 +118,10 @@ class DaemonChannel:
                 continue
             local_rank = int(path.stem.split("-", 1)[1])
             beats[local_rank] = Heartbeat(
-                local_rank, int(data["step"]), str(data["phase"]), float(data["time_unix"]),
+                local_rank,
+                int(data["step"]),
+                str(data["phase"]),
+                float(data["time_unix"]),
                 int(data["pid"]),
             )
         return beats

@@ -31,7 +31,9 @@ class BatchPlan:
     def local(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of ``step``: (inputs (B, T), targets (B, T)) each."""
         batches = self.sampler.local_batch(
-            step, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            step,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
             micro_batch_size=self.micro_batch_size,
         )
         return [(inputs, targets) for inputs, targets, _ in batches]
@@ -78,8 +80,7 @@ def build_sampler(job: JobConfig, info: distributed.DistInfo) -> BatchPlan:
             _open(job)  # builds the corpus; the other local ranks wait, then only read it
         dist.barrier()
     sampler = _open(job)
-    plan = BatchPlan(sampler, info.rank, info.world_size, train.micro_batch_size,
-                     data.eval_batches)
+    plan = BatchPlan(sampler, info.rank, info.world_size, train.micro_batch_size, data.eval_batches)
     _check_geometry(job, plan)
     return plan
 
@@ -87,7 +88,9 @@ def build_sampler(job: JobConfig, info: distributed.DistInfo) -> BatchPlan:
 def _open(job: JobConfig) -> Sampler:
     try:
         return build_mixture(
-            job.data, run_dir=job.run_dir, seq_len=job.train.seq_len,
+            job.data,
+            run_dir=job.run_dir,
+            seq_len=job.train.seq_len,
             global_batch_tokens=job.train.global_batch_tokens,
         )
     except (ValueError, FileNotFoundError) as exc:
@@ -119,7 +122,9 @@ def poison(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``poison_batch`` fault: random tokens, or one token repeated (degenerate data)."""
     if mode == "repeat":
-        return torch.full_like(inputs, int(inputs[0, 0])), torch.full_like(targets, int(inputs[0, 0]))
+        return torch.full_like(inputs, int(inputs[0, 0])), torch.full_like(
+            targets, int(inputs[0, 0])
+        )
     generator = torch.Generator().manual_seed(step)
     vocab = int(max(int(inputs.max()), int(targets.max()))) + 1
     noise = torch.randint(0, vocab, inputs.shape, generator=generator, dtype=inputs.dtype)

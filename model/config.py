@@ -59,9 +59,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
         check(self.threads >= 0, "threads", self.threads, "must be >= 0")
-        check(
-            self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda"
-        )
+        check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,14 @@ def init(environ: Mapping[str, str], *, device_preference: str = "auto") -> Dist
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, clean: bool) -> None:
+    """Leave the group. After a clean finish every rank meets at a barrier first: rank 0 hosts
+    the store, and a peer still tearing down when it exits aborts in gloo's destructor."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, *, bf16: bool) -> None:

@@ -27,14 +27,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from elastic import jsonlog
 from elastic.channel import WORKER_DIR_ENV, Control, WorkerChannel
 from elastic.checkpoint.app_state import app_state, restore_app_state
+from elastic.checkpoint.errors import CheckpointExists
 from elastic.checkpoint.manager import CheckpointManager
 from elastic.config import ConfigError, fingerprint
 from elastic.faults import FaultInjector
-from elastic.guard import Action, CheckpointInfo, GiveUp, Guard, RewindPlan, Verdict
+from elastic.guard import Action, CheckpointInfo, Guard, RewindPlan, Verdict
 from model import distributed
 from model.batches import BatchPlan, build_sampler, poison
 from model.config import JobConfig, resolve
@@ -180,8 +182,14 @@ class Trainer:
             self.optimizer.step()
         rewind_to = int(sums[5]) if sums[5] >= 0 else None
         return StepResult(
-            step, loss, grad_norm, verdict, drain=sums[3] > 0, pause=sums[4] > 0,
-            rewind_to=rewind_to, duration_seconds=time.perf_counter() - started,
+            step,
+            loss,
+            grad_norm,
+            verdict,
+            drain=sums[3] > 0,
+            pause=sums[4] > 0,
+            rewind_to=rewind_to,
+            duration_seconds=time.perf_counter() - started,
         )
 
     # ----------------------------------------------------------------- the loop
@@ -194,6 +202,9 @@ class Trainer:
         while self.step < self.job.train.steps:
             next_step = self.step + 1
             self._fire_process_faults(next_step)
+            if self.plan.stage_index(next_step) != self.plan.stage_index(self.step):
+                self.guard.reset_statistics()  # a planned change of data, not a divergence
+                self._log_event("stage", stage=self.plan.stage_index(next_step))
             result = self.train_step(next_step)
             self.step = next_step
             self._log_step(result)
@@ -233,17 +244,28 @@ class Trainer:
     def _on_anomaly(self, result: StepResult) -> int | None:
         verdict = result.verdict
         self._log_event(
-            "divergence", kind=verdict.kind, action=verdict.action.value,
-            reasons=list(verdict.reasons), onset_step=verdict.onset_step, loss=result.loss,
+            "divergence",
+            kind=verdict.kind,
+            action=verdict.action.value,
+            reasons=list(verdict.reasons),
+            onset_step=verdict.onset_step,
+            loss=result.loss,
             grad_norm=result.grad_norm,
         )
-        self.ledger.record("divergence", step=result.step, kind=verdict.kind,
-                           action=verdict.action.value, onset_step=verdict.onset_step)
+        self.ledger.record(
+            "divergence",
+            step=result.step,
+            kind=verdict.kind,
+            action=verdict.action.value,
+            onset_step=verdict.onset_step,
+        )
         if verdict.action is Action.SKIP_STEP:
             return None
         if verdict.action is Action.REWIND:
             checkpoints = [CheckpointInfo(s, good) for s, good in sorted(self.committed.items())]
-            plan = self.guard.plan_rewind(verdict, trigger_step=result.step, checkpoints=checkpoints)
+            plan = self.guard.plan_rewind(
+                verdict, trigger_step=result.step, checkpoints=checkpoints
+            )
             if isinstance(plan, RewindPlan):
                 self._rewind(plan)
                 return None
@@ -269,30 +291,47 @@ class Trainer:
         self.plan = self.plan.with_ledger(self.ledger.data)
         self._load(step=plan.to_step, keep_ledger=True)
         self.committed = {s: g for s, g in self.committed.items() if s <= plan.to_step}
-        self.ledger.record("rewind", step=plan.trigger_step, to_step=plan.to_step,
-                           onset_step=plan.onset_step, data_action=plan.data_action,
-                           window=list(window), reasons=list(plan.reasons))
+        self.ledger.record(
+            "rewind",
+            step=plan.trigger_step,
+            to_step=plan.to_step,
+            onset_step=plan.onset_step,
+            data_action=plan.data_action,
+            window=list(window),
+            reasons=list(plan.reasons),
+        )
         self.ledger.at_step = plan.to_step
         self._write_ledger()
         self._log_event(
-            "rewind", to_step=plan.to_step, onset_step=plan.onset_step,
-            trigger_step=plan.trigger_step, data_action=plan.data_action, window=list(window),
-            lr_multiplier=plan.lr_multiplier, reasons=list(plan.reasons),
+            "rewind",
+            to_step=plan.to_step,
+            onset_step=plan.onset_step,
+            trigger_step=plan.trigger_step,
+            data_action=plan.data_action,
+            window=list(window),
+            lr_multiplier=plan.lr_multiplier,
+            reasons=list(plan.reasons),
         )
 
     def _manual_rewind(self, to_step: int, *, trigger_step: int) -> None:
         if to_step not in self.committed:
-            self._log_event("rewind_refused", to_step=to_step, reason="no such checkpoint",
-                            level="warning")
+            self._log_event(
+                "rewind_refused", to_step=to_step, reason="no such checkpoint", level="warning"
+            )
             return
         rewind = self.job.rewind
         reason = f"operator request: rewind to step {to_step}"
         self.guard.request_rewind(trigger_step, onset_step=to_step + 1, reason=reason)
         plan = RewindPlan(
-            to_step=to_step, onset_step=to_step + 1, trigger_step=trigger_step,
-            data_action=rewind.data, window=(to_step + 1, trigger_step + 1),
-            lr_multiplier=rewind.lr_multiplier, lr_multiplier_steps=rewind.lr_multiplier_steps,
-            reasons=(reason,), index=len(self.guard.history),
+            to_step=to_step,
+            onset_step=to_step + 1,
+            trigger_step=trigger_step,
+            data_action=rewind.data,
+            window=(to_step + 1, trigger_step + 1),
+            lr_multiplier=rewind.lr_multiplier,
+            lr_multiplier_steps=rewind.lr_multiplier_steps,
+            reasons=(reason,),
+            index=len(self.guard.history),
         )
         self._rewind(plan)
 
@@ -313,9 +352,18 @@ class Trainer:
         if step in self.committed or step == 0:
             return
         self.channel.beat(step, "save")
-        self.ckpt.save(step, self._state(), meta=self._meta())
+        try:
+            self.ckpt.save(step, self._state(), meta=self._meta())
+        except CheckpointExists as exc:
+            # A committed checkpoint we fell back past (it failed verification) holds this
+            # step: never overwrite a committed checkpoint; the next interval saves instead.
+            self._log_event(
+                "checkpoint_skipped", checkpoint_step=step, reason=str(exc), level="warning"
+            )
+            return
+        finally:
+            self.channel.beat(step, "train")
         self.committed[step] = False
-        self.channel.beat(step, "train")
 
     def _load(self, *, step: int | None, keep_ledger: bool) -> None:
         state = self._state()
@@ -444,6 +492,7 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+@record  # writes the root cause to TORCHELASTIC_ERROR_FILE for the daemon's worker_exit line
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train")
     parser.add_argument("--config", default=None)
@@ -458,15 +507,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(job.train.threads)
     info = distributed.init(os.environ, device_preference=job.train.device)
     jsonlog.configure(run_id=job.run_id, node=os.environ.get(NODE_ENV), rank=info.rank)
+    code = EXIT_CONFIG
     try:
         channel = WorkerChannel(os.environ.get(WORKER_DIR_ENV), local_rank=info.local_rank)
-        trainer = Trainer(job, info, channel)
-        return trainer.train()
+        code = Trainer(job, info, channel).train()
+        return code
     except ConfigError as exc:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean=code in (EXIT_OK, EXIT_DRAINED, EXIT_DIVERGED))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""Checkpoints: DCP on any fsspec URL with a commit protocol, retention and resharded loads.
+
+``<checkpoint.url>/<run_id>/step-<N>/`` holds DCP files plus ``manifest.json``, written last; a
+directory without a manifest is not a checkpoint. See ``docs/checkpoints.md``.
+
+Modules: ``config`` (the YAML section), ``storage`` (the only fsspec importer), ``manifest``
+(commit record), ``retention`` (pure deletion policy), ``collective`` (rank-0-decides
+broadcasts), ``manager`` (save/load/retire), ``app_state`` (model + optimizer state helpers),
+``errors``.
+"""
+
+from elastic.checkpoint.app_state import app_state, restore_app_state
+from elastic.checkpoint.config import CheckpointConfig
+from elastic.checkpoint.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    StorageError,
+    TemporaryStorageError,
+)
+from elastic.checkpoint.manager import CheckpointManager
+from elastic.checkpoint.manifest import Manifest
+from elastic.checkpoint.storage import Storage
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointExists",
+    "CheckpointManager",
+    "CheckpointNotFound",
+    "Manifest",
+    "Storage",
+    "StorageError",
+    "TemporaryStorageError",
+    "app_state",
+    "restore_app_state",
+]

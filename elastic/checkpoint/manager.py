@@ -1,0 +1,502 @@
+"""CheckpointManager: the commit protocol, retention, rewind support and resharded loading.
+
+Layout: ``<url>/<run_id>/step-<N>/`` holds the DCP files (one ``__<rank>_0.distcp`` per rank and
+``.metadata``), then ``manifest.json``, written last by rank 0 once ``dcp.save`` has returned
+there (DCP's coordinator finishes only after every rank has reported its shards written). A
+directory without a manifest is not a checkpoint: a crash at any point before the manifest PUT
+leaves an invisible, torn directory that the next save of that step or retention removes.
+
+Collective calls (``save``, ``load``) are made by every rank. Rank 0 decides everything that
+touches shared metadata (does the step exist, which checkpoint to load, what to delete) and
+broadcasts the decision, errors included, so ranks never disagree or wait on each other forever.
+``mark_known_good`` and ``retire_after`` act on rank 0 only and are no-ops elsewhere, so the
+trainer may call them on every rank.
+
+Async saves: ``dcp.async_save`` copies the state to CPU memory before returning (the
+FsspecWriter stager is blocking), so the trainer may step on. The upload and the manifest commit
+run in the background over a dedicated gloo group; the next ``save``, ``load``, ``wait`` or
+``close`` first completes the pending save and raises its error, if any.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import contextvars
+import functools
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from elastic import jsonlog
+from elastic.checkpoint.collective import RankGroup
+from elastic.checkpoint.config import CheckpointConfig
+from elastic.checkpoint.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    StorageError,
+    TemporaryStorageError,
+    is_temporary,
+)
+from elastic.checkpoint.manifest import Manifest
+from elastic.checkpoint.retention import plan_retention
+from elastic.checkpoint.storage import Storage
+
+__all__ = ["DCP_METADATA", "MANIFEST", "RETIRED", "CheckpointManager", "step_dir"]
+
+MANIFEST = "manifest.json"
+RETIRED = "retired.json"
+DCP_METADATA = ".metadata"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_NOT_DATA = frozenset({MANIFEST, RETIRED})
+
+
+def step_dir(step: int) -> str:
+    """Directory name of the checkpoint for ``step`` (relative to the run root)."""
+    return f"step-{step}"
+
+
+class CheckpointManager:
+    """Saves and loads training state as DCP checkpoints on any fsspec URL."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        *,
+        run_id: str,
+        rank: int,
+        world_size: int,
+        process_group: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not run_id or "/" in run_id or run_id.strip(".") == "":
+            raise ValueError(f"run_id={run_id!r}: must be a non-empty name without '/'")
+        self.config = config
+        self.run_id = run_id
+        self._group = RankGroup(rank=rank, world_size=world_size, process_group=process_group)
+        self._storage = Storage(config.url, storage_options=config.storage_options)
+        self._clock = clock
+        self._log = jsonlog.get("checkpoint")
+        # Rank 0 mutates manifests from the main thread and from the async commit thread.
+        self._meta_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    @property
+    def root(self) -> str:
+        """``<url>/<run_id>`` as a full URL."""
+        return self._storage.join(self.run_id)
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    # ----------------------------------------------------------------------------- save
+    def save(self, step: int, state: dict[str, Any], *, meta: dict[str, Any]) -> None:
+        """COLLECTIVE. Write ``state`` as the checkpoint of ``step`` and commit it.
+
+        Raises :class:`CheckpointExists` on every rank when ``step`` is already committed.
+        With ``config.async_save`` this returns once the state is staged in CPU memory.
+        """
+        if step < 0:
+            raise ValueError(f"step={step!r}: must be >= 0")
+        _check_meta(meta)
+        self.wait()
+        started = time.monotonic()
+        self._group.decide(lambda: self._prepare(step, meta))
+        writer = self._storage.writer(self._rel(step))
+        if not self.config.async_save:
+            self._write(step, state, writer)
+            self._group.decide(lambda: self._commit(step, meta, started=started))
+            return
+        side = self._group.side_group()
+        upload = self._start_async_write(step, state, writer, side)
+        ctx = contextvars.copy_context()
+        self._pending = self._commit_pool().submit(
+            ctx.run, self._finish_async, upload, step, meta, started, side
+        )
+
+    def wait(self) -> None:
+        """Complete a pending async save (manifest included); re-raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _prepare(self, step: int, meta: dict[str, Any]) -> None:
+        _check_meta(meta)
+        rel = self._rel(step)
+        if self._storage.exists(f"{rel}/{MANIFEST}"):
+            raise CheckpointExists(f"{self._storage.join(rel)} is committed; not overwriting it")
+        if self._storage.exists(rel):
+            # Torn save or retired checkpoint: no manifest, so nothing refers to these files.
+            self._storage.remove(rel, recursive=True)
+            self._log.info("checkpoint_delete", step=step, reason="cleared_before_save")
+
+    def _write(self, step: int, state: dict[str, Any], writer: Any) -> None:
+        try:
+            with _single_process_quiet():
+                dcp.save(
+                    state,
+                    storage_writer=writer,
+                    process_group=self._group.process_group,
+                    no_dist=not self._group.distributed,
+                )
+        except (CheckpointException, Exception) as exc:
+            where = self._storage.join(self._rel(step))
+            raise _dcp_error(exc, f"save step {step} to {where}") from exc
+
+    def _start_async_write(
+        self, step: int, state: dict[str, Any], writer: Any, group: Any
+    ) -> Future[Any]:
+        try:
+            with _single_process_quiet():
+                response = dcp.async_save(
+                    state,
+                    storage_writer=writer,
+                    process_group=group,
+                    no_dist=not self._group.distributed,
+                )
+        except (CheckpointException, Exception) as exc:
+            raise _dcp_error(exc, f"async save step {step}") from exc
+        # Newer torch may return a response object holding the upload future.
+        upload = getattr(response, "upload_completion", response)
+        assert isinstance(upload, Future), type(upload)
+        return upload
+
+    def _finish_async(
+        self, upload: Future[Any], step: int, meta: dict[str, Any], started: float, group: Any
+    ) -> None:
+        try:
+            upload.result()
+        except (CheckpointException, Exception) as exc:
+            # DCP reports a failure on every rank, so no rank waits in the commit below.
+            raise _dcp_error(exc, f"async save step {step}") from exc
+        self._group.decide(lambda: self._commit(step, meta, started=started), group=group)
+
+    def _commit(self, step: int, meta: dict[str, Any], *, started: float) -> None:
+        rel = self._rel(step)
+        files = {k: v for k, v in self._storage.sizes(rel).items() if k not in _NOT_DATA}
+        if DCP_METADATA not in files:
+            raise CheckpointCorrupt(f"{self._storage.join(rel)}: DCP wrote no {DCP_METADATA}")
+        manifest = Manifest(
+            step=step,
+            world_size=self._group.world_size,
+            time_unix=self._clock(),
+            files=files,
+            meta=meta,
+        )
+        with self._meta_lock:
+            self._storage.write_bytes(f"{rel}/{MANIFEST}", manifest.to_json().encode())
+            self._log.info(
+                "checkpoint_commit",
+                step=step,
+                world_size=manifest.world_size,
+                size_bytes=manifest.size_bytes,
+                duration_seconds=round(time.monotonic() - started, 3),
+                url=self._storage.join(rel),
+            )
+            self._retain()
+
+    # --------------------------------------------------------------------------- reading
+    def list(self) -> builtins.list[Manifest]:
+        """Committed checkpoints (manifest present and readable), oldest first."""
+        committed, _, _ = self._scan()
+        return committed
+
+    def latest(
+        self, *, max_step: int | None = None, known_good_only: bool = False
+    ) -> Manifest | None:
+        """The newest committed checkpoint whose files verify, within the filters."""
+        for manifest in reversed(self.list()):
+            wanted = _selected(manifest, max_step=max_step, known_good_only=known_good_only)
+            if wanted and not self.verify(manifest):
+                return manifest
+        return None
+
+    def verify(self, manifest: Manifest) -> builtins.list[str]:
+        """Problems with ``manifest``'s files (missing, wrong size), each naming the file."""
+        actual = self._storage.sizes(self._rel(manifest.step))
+        problems = []
+        if DCP_METADATA not in manifest.files:
+            problems.append(f"{DCP_METADATA}: not listed in the manifest")
+        for name, size_bytes in sorted(manifest.files.items()):
+            if name not in actual:
+                problems.append(f"{name}: missing")
+            elif actual[name] != size_bytes:
+                problems.append(f"{name}: size {actual[name]} bytes, manifest says {size_bytes}")
+        return problems
+
+    def load(
+        self,
+        state: dict[str, Any],
+        *,
+        step: int | None = None,
+        max_step: int | None = None,
+        known_good_only: bool = False,
+    ) -> Manifest | None:
+        """COLLECTIVE. Load the newest committed checkpoint (or exactly ``step``) into ``state``.
+
+        A checkpoint that fails verification or cannot be read is skipped with one
+        ``checkpoint_fallback`` line and the previous one is tried (also when ``step`` was
+        given: the returned manifest says which step was loaded). ``max_step`` and
+        ``known_good_only`` filter candidates as in :meth:`latest` (divergence rewinds).
+
+        Returns the manifest used, ``None`` when there is no checkpoint. Raises
+        :class:`CheckpointNotFound` when ``step`` is not committed, :class:`CheckpointCorrupt`
+        when checkpoints exist but none loads, :class:`TemporaryStorageError` on network errors
+        (never a fallback: an older checkpoint would silently lose progress).
+        """
+        self.wait()
+        started = time.monotonic()
+        failed: builtins.list[str] = []
+        below: int | None = None
+        while True:
+            choose = functools.partial(
+                self._choose,
+                step=step,
+                max_step=max_step,
+                known_good_only=known_good_only,
+                below=below,
+                failed=failed,
+            )
+            chosen = self._group.decide(choose)
+            if chosen is None:
+                return None
+            try:
+                self._read(chosen, state)
+            except _LoadFailed as exc:
+                failed.append(f"step {chosen.step}: {exc}")
+                if self._group.is_leader:
+                    self._log.warning(
+                        "checkpoint_fallback",
+                        step=chosen.step,
+                        file=None,
+                        problem=f"load failed: {exc}",
+                    )
+                below = chosen.step
+                continue
+            if self._group.is_leader:
+                self._log.info(
+                    "checkpoint_load",
+                    step=chosen.step,
+                    world_size_saved=chosen.world_size,
+                    world_size_now=self._group.world_size,
+                    duration_seconds=round(time.monotonic() - started, 3),
+                    url=self._storage.join(self._rel(chosen.step)),
+                )
+            return chosen
+
+    def _choose(
+        self,
+        *,
+        step: int | None,
+        max_step: int | None,
+        known_good_only: bool,
+        below: int | None,
+        failed: builtins.list[str],
+    ) -> Manifest | None:
+        committed = self.list()
+        if step is not None and below is None and all(m.step != step for m in committed):
+            raise CheckpointNotFound(f"no committed checkpoint at step {step} under {self.root}")
+        bounds = [s for s in (step, max_step) if s is not None]
+        limit = min(bounds) if bounds else None
+        candidates = [
+            m
+            for m in reversed(committed)
+            if _selected(m, max_step=limit, known_good_only=known_good_only)
+            and (below is None or m.step < below)
+        ]
+        for manifest in candidates:
+            problems = self.verify(manifest)
+            if not problems:
+                return manifest
+            failed.append(f"step {manifest.step}: {problems[0]}")
+            self._log.warning(
+                "checkpoint_fallback",
+                step=manifest.step,
+                file=problems[0].split(":", 1)[0],
+                problem=problems[0],
+                num_problems=len(problems),
+            )
+        if failed:
+            raise CheckpointCorrupt(f"no checkpoint under {self.root} loads: {'; '.join(failed)}")
+        return None
+
+    def _read(self, manifest: Manifest, state: dict[str, Any]) -> None:
+        reader = self._storage.reader(self._rel(manifest.step))
+        try:
+            with _single_process_quiet():
+                dcp.load(
+                    state,
+                    storage_reader=reader,
+                    process_group=self._group.process_group,
+                    no_dist=not self._group.distributed,
+                )
+        except (CheckpointException, Exception) as exc:
+            if is_temporary(exc):
+                raise TemporaryStorageError(f"load step {manifest.step}: {_summary(exc)}") from exc
+            # DCP gathers failures from all ranks, so every rank lands here together.
+            raise _LoadFailed(_summary(exc)) from exc
+
+    # ------------------------------------------------------------------ rank-0 metadata
+    def mark_known_good(self, step: int) -> None:
+        """Rank 0: flag the committed checkpoint of ``step`` as a rewind target."""
+        if not self._group.is_leader:
+            return
+        with self._meta_lock:
+            manifest = self._read_manifest(step)
+            if manifest is None:
+                raise CheckpointNotFound(
+                    f"no committed checkpoint at step {step} under {self.root}"
+                )
+            if not manifest.known_good:
+                data = manifest.with_known_good().to_json().encode()
+                self._storage.write_bytes(f"{self._rel(step)}/{MANIFEST}", data)
+                self._log.info("checkpoint_known_good", step=step)
+
+    def retire_after(self, step: int) -> builtins.list[int]:
+        """Rank 0: hide committed checkpoints with a step above ``step`` (divergence rewind).
+
+        Each keeps its old manifest as ``retired.json`` (for forensics) and loses
+        ``manifest.json``, so a replay may save those steps again. Returns the retired steps.
+        """
+        self.wait()
+        if not self._group.is_leader:
+            return []
+        retired = []
+        with self._meta_lock:
+            for manifest in self.list():
+                if manifest.step <= step:
+                    continue
+                rel = self._rel(manifest.step)
+                self._storage.write_bytes(f"{rel}/{RETIRED}", manifest.to_json().encode())
+                self._storage.remove(f"{rel}/{MANIFEST}")
+                retired.append(manifest.step)
+        if retired:
+            self._log.info("checkpoint_retire", after_step=step, steps=retired)
+        return retired
+
+    def close(self) -> None:
+        """Complete a pending save, then release threads and the side process group."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._group.close()
+
+    # ------------------------------------------------------------------------- internals
+    def _rel(self, step: int) -> str:
+        return f"{self.run_id}/{step_dir(step)}"
+
+    def _commit_pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
+        return self._executor
+
+    def _read_manifest(self, step: int) -> Manifest | None:
+        """The manifest of ``step``; ``None`` when absent; CheckpointCorrupt when unreadable."""
+        try:
+            data = self._storage.read_bytes(f"{self._rel(step)}/{MANIFEST}")
+        except CheckpointNotFound:
+            return None
+        manifest = Manifest.from_json(data)
+        if manifest.step != step:
+            raise CheckpointCorrupt(f"{step_dir(step)}/{MANIFEST} says step {manifest.step}")
+        return manifest
+
+    def _scan(self) -> tuple[builtins.list[Manifest], builtins.list[int], builtins.list[int]]:
+        """(committed manifests, torn steps, steps with an unreadable manifest), by step."""
+        committed, torn, unreadable = [], [], []
+        for step in self._step_dirs():
+            try:
+                manifest = self._read_manifest(step)
+            except CheckpointCorrupt:
+                unreadable.append(step)
+                continue
+            if manifest is None:
+                torn.append(step)
+            else:
+                committed.append(manifest)
+        return committed, torn, unreadable
+
+    def _step_dirs(self) -> builtins.list[int]:
+        steps = []
+        for name in self._storage.list_dir(self.run_id):
+            match = _STEP_DIR.match(name)
+            if match:
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def _retain(self) -> None:
+        """Apply retention after a commit (caller holds the lock); errors delete nothing."""
+        try:
+            committed, torn, _ = self._scan()
+            plan = plan_retention(committed, torn, keep_last=self.config.keep_last)
+            for step in plan.delete_committed:
+                # Manifest first: from that moment the checkpoint is invisible, never half-there.
+                self._storage.remove(f"{self._rel(step)}/{MANIFEST}")
+                self._storage.remove(self._rel(step), recursive=True)
+                self._log.info("checkpoint_delete", step=step, reason="retention")
+            for step in plan.delete_torn:
+                self._storage.remove(self._rel(step), recursive=True)
+                self._log.info("checkpoint_delete", step=step, reason="torn")
+        except CheckpointError as exc:
+            # The commit already succeeded; retention retries after the next one.
+            self._log.warning("checkpoint_retention_failed", error=str(exc))
+
+
+class _LoadFailed(Exception):
+    """dcp.load failed for a non-temporary reason (every rank sees it together)."""
+
+
+def _selected(manifest: Manifest, *, max_step: int | None, known_good_only: bool) -> bool:
+    if max_step is not None and manifest.step > max_step:
+        return False
+    return manifest.known_good or not known_good_only
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Single-process saves/loads are intended here; DCP warns about them on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta={meta!r}: must be a dict")
+    Manifest(step=0, world_size=1, time_unix=0.0, files={}, meta=meta).to_json()
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the first underlying failure of a (possibly DCP-wrapped) exception."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = next(iter(failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0][:500]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def _dcp_error(exc: BaseException, what: str) -> CheckpointError:
+    """Map a DCP failure: temporary storage, permanent storage (an OSError), or other."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if is_temporary(exc):
+        return TemporaryStorageError(f"{what}: {_summary(exc)}")
+    failures = getattr(exc, "failures", None)
+    inner = [v[0] for v in failures.values()] if isinstance(failures, dict) else [exc]
+    if any(isinstance(e, OSError | StorageError) for e in inner):
+        return StorageError(f"{what}: {_summary(exc)}")
+    return CheckpointError(f"{what}: {_summary(exc)}")
