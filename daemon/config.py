@@ -32,14 +32,27 @@ ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
 
 @dataclass(frozen=True)
 class NodesConfig:
-    """YAML section ``nodes``: the elastic range of the group, in nodes."""
+    """YAML section ``nodes``: the elastic range of the group and how rounds form."""
 
     min: int = 1
     max: int = 1
+    address: str = ""  # how other nodes reach this one (default: the host's FQDN)
+    last_call_seconds: float = 3.0  # after min nodes joined, wait this long for more (up to max)
+    join_timeout_seconds: float = 60.0  # a round not formed by then -> state waiting, retry
+    keep_alive_seconds: float = 1.0  # rendezvous heartbeat; a node missing
+    keep_alive_max_missed: int = 3  # this many heartbeats is dropped from the next round
 
     def __post_init__(self) -> None:
         check(self.min >= 1, "min", self.min, "must be >= 1")
         check(self.max >= self.min, "max", self.max, f"must be >= nodes.min ({self.min})")
+        for key in ("last_call_seconds", "join_timeout_seconds", "keep_alive_seconds"):
+            check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        check(
+            self.keep_alive_max_missed >= 1,
+            "keep_alive_max_missed",
+            self.keep_alive_max_missed,
+            "must be >= 1",
+        )
 
 
 @dataclass(frozen=True)

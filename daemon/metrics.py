@@ -5,34 +5,35 @@ so the daemon updates training gauges from ``step``, ``eval``, ``divergence``, `
 ``checkpoint_*`` events. One scrape endpoint per node, no multiprocess files, and a worker that
 dies cannot leave stale series behind.
 
-Names, types and labels follow ``ops/metrics.yaml`` (a test keeps them in step). Every series
-carries ``run_id`` and ``node``; no step, pid or path labels.
+The collectors are built from ``daemon/metrics.yaml`` (names, types, help, labels, buckets): the
+one list that ``ops`` checks its alert rules and dashboard against. Every series carries
+``run_id`` and ``node``; no step, pid or path labels.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-DAEMON_STATES = (
-    "starting",
-    "joining",
-    "running",
-    "draining",
-    "waiting",
-    "failed",
-    "diverged",
-    "stopped",
-)
-GUARD_STATES = ("ok", "watching", "rewinding", "diverged")
-RESTART_REASONS = ("crash", "hang", "node_lost", "scale", "drain", "rewind")
-DIVERGENCE_KINDS = ("nan", "loss_spike", "grad_spike", "sustained")
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-IO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+CATALOG = Path(__file__).with_name("metrics.yaml")
+_TYPES: dict[str, Any] = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
+
+
+@cache
+def catalog() -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """(common labels, {metric name: spec}) from ``daemon/metrics.yaml``."""
+    data = yaml.safe_load(CATALOG.read_text(encoding="utf-8"))
+    return tuple(data["common_labels"]), {m["name"]: m for m in data["metrics"]}
+
+
+def _label_values(name: str, label: str) -> tuple[str, ...]:
+    return tuple(catalog()[1][name].get("labels", {}).get(label) or ())
 
 
 class NodeMetrics:
@@ -49,113 +50,72 @@ class NodeMetrics:
         self.registry = registry or CollectorRegistry()
         self._clock = clock
         self._labels = {"run_id": run_id, "node": node}
-        base = ["run_id", "node"]
-
-        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(name, doc, [*base, *extra], registry=self.registry)
-
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, [*base, *extra], registry=self.registry)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, base, buckets=buckets, registry=self.registry)
-
-        self.daemon_state = gauge(
-            "elasticd_daemon_state", "1 for the daemon's current state", ("state",)
-        )
-        self.etcd_up = gauge("elasticd_etcd_up", "1 when the daemon reaches etcd")
-        self.world_size = gauge("elasticd_group_world_size", "Worker processes in the group")
-        self.nodes = gauge("elasticd_group_nodes", "Nodes in the current round")
-        self.min_nodes = gauge("elasticd_group_min_nodes", "Configured minimum nodes")
-        self.max_nodes = gauge("elasticd_group_max_nodes", "Configured maximum nodes")
-        self.rounds = counter("elasticd_rendezvous_rounds_total", "Rendezvous rounds joined")
-        self.round_seconds = histogram(
-            "elasticd_rendezvous_duration_seconds", "Time to form a round", ROUND_BUCKETS
-        )
-        self.restarts = counter(
-            "elasticd_worker_restarts_total", "Worker group restarts", ("reason",)
-        )
-        self.step = gauge("elasticd_train_step", "Last completed optimizer step")
-        self.loss = gauge("elasticd_train_loss", "Training loss of the last step")
-        self.grad_norm = gauge("elasticd_train_grad_norm", "Gradient norm before clipping")
-        self.lr = gauge("elasticd_train_learning_rate", "Learning rate of the last step")
-        self.tokens_per_second = gauge(
-            "elasticd_train_tokens_per_second", "Global tokens per second of the last step"
-        )
-        self.step_seconds = histogram(
-            "elasticd_train_step_duration_seconds", "Optimizer step wall time", STEP_BUCKETS
-        )
-        self.last_step_time = gauge(
-            "elasticd_train_last_step_timestamp_seconds", "Unix time of the last completed step"
-        )
-        self.eval_loss = gauge("elasticd_eval_loss", "Held-out loss per data source", ("source",))
-        self.save_seconds = histogram(
-            "elasticd_checkpoint_save_duration_seconds", "Checkpoint save time", IO_BUCKETS
-        )
-        self.load_seconds = histogram(
-            "elasticd_checkpoint_load_duration_seconds", "Checkpoint load time", IO_BUCKETS
-        )
-        self.saved_bytes = counter(
-            "elasticd_checkpoint_saved_bytes_total", "Bytes of committed checkpoints"
-        )
-        self.last_committed = gauge(
-            "elasticd_checkpoint_last_committed_step", "Step of the newest committed checkpoint"
-        )
-        self.last_known_good = gauge(
-            "elasticd_checkpoint_last_known_good_step", "Step of the newest known-good checkpoint"
-        )
-        self.last_commit_time = gauge(
-            "elasticd_checkpoint_last_commit_timestamp_seconds",
-            "Unix time of the newest checkpoint commit",
-        )
-        self.divergence = counter(
-            "elasticd_guard_divergence_events_total", "Anomalous steps seen by the guard", ("kind",)
-        )
-        self.skipped = counter("elasticd_guard_skipped_steps_total", "Optimizer steps skipped")
-        self.rewinds = counter("elasticd_guard_rewinds_total", "Rewinds to a checkpoint")
-        self.guard_state = gauge(
-            "elasticd_guard_state", "1 for the guard's current state", ("state",)
-        )
+        common, specs = catalog()
+        self._m: dict[str, Any] = {name: self._build(spec, common) for name, spec in specs.items()}
+        self._progress_step = 0
         self._init_series()
 
+    def _build(self, spec: dict[str, Any], common: tuple[str, ...]) -> Any:
+        labels = [*common, *spec.get("labels", {})]
+        kwargs: dict[str, Any] = {"registry": self.registry}
+        if spec["type"] == "histogram":
+            kwargs["buckets"] = tuple(spec["buckets"])
+        name = spec["name"].removesuffix("_total") if spec["type"] == "counter" else spec["name"]
+        return _TYPES[spec["type"]](name, spec["help"], labels, **kwargs)
+
     def _init_series(self) -> None:
-        # Create every labelled child up front so rules and dashboards see zeros, not gaps.
-        for reason in RESTART_REASONS:
-            self.restarts.labels(**self._labels, reason=reason)
-        for kind in DIVERGENCE_KINDS:
-            self.divergence.labels(**self._labels, kind=kind)
-        for counter in (self.rounds, self.saved_bytes, self.skipped, self.rewinds):
-            counter.labels(**self._labels)
+        # Every closed label value and every unlabelled series exists from the start at 0, so
+        # rules see zeros rather than gaps and increase() sees a counter's first event.
+        _, specs = catalog()
+        for name, spec in specs.items():
+            closed = {k: v for k, v in spec.get("labels", {}).items() if v}
+            open_labels = set(spec.get("labels", {})) - set(closed)
+            if open_labels:
+                continue  # e.g. eval source: created when the first value arrives
+            if not closed:
+                self.series(name)
+            for label, values in closed.items():
+                for value in values:
+                    self.series(name, **{label: value})
         self.set_state("starting")
         self.set_guard_state("ok")
-        self.etcd_up.labels(**self._labels).set(0)
 
-    def _l(self, metric: Any, **extra: str) -> Any:
-        return metric.labels(**self._labels, **extra)
+    def series(self, name: str, **extra: str) -> Any:
+        """The child of metric ``name`` for this node (and ``extra`` labels)."""
+        return self._m[name].labels(**self._labels, **extra)
+
+    def _one_hot(self, name: str, current: str) -> None:
+        for value in _label_values(name, "state"):
+            self.series(name, state=value).set(1 if value == current else 0)
 
     def set_state(self, state: str) -> None:
-        for name in DAEMON_STATES:
-            self._l(self.daemon_state, state=name).set(1 if name == state else 0)
+        self._one_hot("elasticd_daemon_state", state)
 
     def set_guard_state(self, state: str) -> None:
-        for name in GUARD_STATES:
-            self._l(self.guard_state, state=name).set(1 if name == state else 0)
+        self._one_hot("elasticd_guard_state", state)
 
     def set_group(self, *, nodes: int, world_size: int, min_nodes: int, max_nodes: int) -> None:
-        self._l(self.nodes).set(nodes)
-        self._l(self.world_size).set(world_size)
-        self._l(self.min_nodes).set(min_nodes)
-        self._l(self.max_nodes).set(max_nodes)
+        self.series("elasticd_group_nodes").set(nodes)
+        self.series("elasticd_group_world_size").set(world_size)
+        self.series("elasticd_group_min_nodes").set(min_nodes)
+        self.series("elasticd_group_max_nodes").set(max_nodes)
 
     def observe_round(self, seconds: float) -> None:
-        self._l(self.rounds).inc()
-        self._l(self.round_seconds).observe(seconds)
+        self.series("elasticd_rendezvous_rounds_total").inc()
+        self.series("elasticd_rendezvous_duration_seconds").observe(seconds)
 
     def count_restart(self, reason: str) -> None:
-        self._l(self.restarts, reason=reason).inc()
+        self.series("elasticd_worker_restarts_total", reason=reason).inc()
 
     def set_etcd_up(self, up: bool) -> None:
-        self._l(self.etcd_up).set(1 if up else 0)
+        self.series("elasticd_etcd_up").set(1 if up else 0)
+
+    def set_progress(self, step: int) -> None:
+        """Step progress from this node's heartbeats (every node, not only rank 0's)."""
+        if step > self._progress_step:
+            self._progress_step = step
+            self.series("elasticd_train_step").set(step)
+            self.series("elasticd_train_last_step_timestamp_seconds").set(self._clock())
 
     def on_worker_line(self, record: dict[str, Any]) -> None:
         """Update training series from one relayed worker line."""
@@ -164,54 +124,61 @@ class NodeMetrics:
             handler(self, record)
 
     def _on_step(self, r: dict[str, Any]) -> None:
-        self._l(self.step).set(r["step"])
-        for gauge, key in (
-            (self.loss, "loss"),
-            (self.grad_norm, "grad_norm"),
-            (self.lr, "lr"),
-            (self.tokens_per_second, "tokens_per_s"),
-        ):
-            value = r.get(key)
-            if isinstance(value, int | float):
-                self._l(gauge).set(value)
-        if isinstance(r.get("step_seconds"), int | float):
-            self._l(self.step_seconds).observe(r["step_seconds"])
-        self._l(self.last_step_time).set(self._clock())
+        self._progress_step = int(r["step"])
+        self.series("elasticd_train_step").set(r["step"])
+        self.series("elasticd_train_last_step_timestamp_seconds").set(self._clock())
+        for name, key in _STEP_GAUGES:
+            if _is_number(r.get(key)):
+                self.series(name).set(r[key])
+        if _is_number(r.get("step_seconds")):
+            self.series("elasticd_train_step_duration_seconds").observe(r["step_seconds"])
         if r.get("skipped"):
-            self._l(self.skipped).inc()
+            self.series("elasticd_guard_skipped_steps_total").inc()
 
     def _on_eval(self, r: dict[str, Any]) -> None:
         for source, loss in (r.get("losses") or {}).items():
-            self._l(self.eval_loss, source=str(source)).set(loss)
+            self.series("elasticd_eval_loss", source=str(source)).set(loss)
 
     def _on_divergence(self, r: dict[str, Any]) -> None:
-        kind = str(r.get("kind") or "nan")
-        if kind in DIVERGENCE_KINDS:
-            self._l(self.divergence, kind=kind).inc()
+        kind = str(r.get("kind"))
+        if kind in _label_values("elasticd_guard_divergence_events_total", "kind"):
+            self.series("elasticd_guard_divergence_events_total", kind=kind).inc()
         self.set_guard_state("watching")
 
     def _on_rewind(self, r: dict[str, Any]) -> None:
-        self._l(self.rewinds).inc()
+        self.series("elasticd_guard_rewinds_total").inc()
         self.set_guard_state("rewinding")
 
     def _on_diverged(self, r: dict[str, Any]) -> None:
         self.set_guard_state("diverged")
 
     def _on_commit(self, r: dict[str, Any]) -> None:
-        self._l(self.last_committed).set(r.get("step", 0))
-        self._l(self.last_commit_time).set(self._clock())
-        if isinstance(r.get("duration_seconds"), int | float):
-            self._l(self.save_seconds).observe(r["duration_seconds"])
-        if isinstance(r.get("size_bytes"), int | float):
-            self._l(self.saved_bytes).inc(r["size_bytes"])
+        self.series("elasticd_checkpoint_last_committed_step").set(r.get("step", 0))
+        self.series("elasticd_checkpoint_last_commit_timestamp_seconds").set(self._clock())
+        if _is_number(r.get("duration_seconds")):
+            self.series("elasticd_checkpoint_save_duration_seconds").observe(r["duration_seconds"])
+        if _is_number(r.get("size_bytes")):
+            self.series("elasticd_checkpoint_saved_bytes_total").inc(r["size_bytes"])
 
     def _on_load(self, r: dict[str, Any]) -> None:
-        if isinstance(r.get("duration_seconds"), int | float):
-            self._l(self.load_seconds).observe(r["duration_seconds"])
+        if _is_number(r.get("duration_seconds")):
+            self.series("elasticd_checkpoint_load_duration_seconds").observe(r["duration_seconds"])
 
     def _on_known_good(self, r: dict[str, Any]) -> None:
-        self._l(self.last_known_good).set(r.get("checkpoint_step", 0))
+        self.series("elasticd_checkpoint_last_known_good_step").set(r.get("step", 0))
         self.set_guard_state("ok")
+
+
+_STEP_GAUGES = (
+    ("elasticd_train_loss", "loss"),
+    ("elasticd_train_grad_norm", "grad_norm"),
+    ("elasticd_train_learning_rate", "lr"),
+    ("elasticd_train_tokens_per_second", "tokens_per_s"),
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 _HANDLERS: dict[str, Callable[[NodeMetrics, dict[str, Any]], None]] = {

@@ -247,6 +247,7 @@ class Supervisor:
             beats = channel.heartbeats()
             progress.update(beats, now)
             self.last_step = max(self.last_step, progress.step)
+            self.metrics.set_progress(progress.step)
             obs = Observation(
                 exit_codes=_exit_codes(workers, assignment.nproc_per_node),
                 last_progress_unix=progress.last_change,

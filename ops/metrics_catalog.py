@@ -1,6 +1,6 @@
-"""The metric catalog: loads and validates ``ops/metrics.yaml`` and checks things against it.
+"""The metric catalog: loads and validates ``daemon/metrics.yaml`` and checks things against it.
 
-``ops/metrics.yaml`` is the one list of elasticd's metrics. This module owns:
+``daemon/metrics.yaml`` is the one list of elasticd's metrics. This module owns:
 
 - loading it into frozen dataclasses (:func:`load`), rejecting unknown keys;
 - the naming rules (:func:`naming_problems`): ``elasticd_`` prefix, snake case, base units,
@@ -36,7 +36,8 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-CATALOG_PATH = Path(__file__).with_name("metrics.yaml")
+# The daemon owns its metric definitions (it builds its collectors from this file); ops reads it.
+CATALOG_PATH = Path(__file__).resolve().parent.parent / "daemon" / "metrics.yaml"
 
 PREFIX = "elasticd_"
 FORBIDDEN_LABELS = frozenset({"step", "pid", "path"})

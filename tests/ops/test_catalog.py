@@ -1,4 +1,4 @@
-"""ops/metrics.yaml and ops/metrics_catalog.py: naming rules, PromQL and exposition checks."""
+"""daemon/metrics.yaml and ops/metrics_catalog.py: naming rules, PromQL and exposition checks."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Queries go through the HTTP API with urllib; a PromQL error raises :class:`Prome
 with Prometheus' message. The server's log is kept in its work directory for failure messages.
 
 Also here, for tests that need something to scrape without a daemon: :func:`catalog_registry`
-(every metric of ``ops/metrics.yaml`` in a fresh prometheus_client registry, closed label values
+(every metric of ``daemon/metrics.yaml`` in a fresh prometheus_client registry, closed label values
 created at 0) and :class:`MetricsEndpoint` (a prometheus_client HTTP server on a free loopback
 port).
 """

@@ -1,0 +1,108 @@
+"""`elasticd run` configuration: layering, and bad input -> one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import resolve
+from elastic.config import ConfigError
+from tests.support.procs import REPO, base_env, write_config
+
+
+def minimal(tmp: Path) -> dict[str, object]:
+    return {
+        "run_id": "cfg",
+        "run_dir": str(tmp / "run"),
+        "checkpoint": {"url": str(tmp / "ckpt"), "interval_steps": 50, "keep_last": 4},
+        "data": {"demo": True},
+    }
+
+
+def test_env_overrides_yaml_and_set_overrides_env(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "job.yaml", minimal(tmp_path))
+    environ = {"ELASTICD_WATCHDOG__TIMEOUT_SECONDS": "42", "ELASTICD_NODES__MAX": "3"}
+    config, document = resolve(str(path), environ=environ, sets=["nodes.max=5"])
+    assert config.watchdog.timeout_seconds == 42
+    assert config.nodes.max == 5
+    assert document["nodes"]["max"] == 5
+
+
+def test_faults_are_refused_without_the_allow_switch(tmp_path: Path) -> None:
+    doc = {**minimal(tmp_path), "faults": [{"kind": "kill", "step": 3}]}
+    path = write_config(tmp_path / "job.yaml", doc)
+    with pytest.raises(ConfigError, match="ELASTICD_ALLOW_FAULTS"):
+        resolve(str(path), environ={})
+
+
+def test_retention_that_cannot_keep_a_rewind_target_is_rejected(tmp_path: Path) -> None:
+    doc = {
+        **minimal(tmp_path),
+        "checkpoint": {"url": str(tmp_path), "interval_steps": 10, "keep_last": 2},
+    }
+    path = write_config(tmp_path / "job.yaml", doc)
+    with pytest.raises(ConfigError, match="keep_last"):
+        resolve(str(path), environ={})
+
+
+BAD_INPUT = [
+    ({"train": {"bogus": 1}}, "unknown key 'train.bogus'"),
+    ({"nodes": {"min": 0}}, "nodes.min=0"),
+    ({"train": {"micro_batch_size": -4}}, "train.micro_batch_size=-4"),
+    ({"model": {"n_layer": 0}}, "model.n_layer=0"),
+    (
+        {"data": {"demo": False, "sources": [{"name": "web", "url": "/nope/web"}]}},
+        "data.sources[0].url='/nope/web'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_INPUT)
+def test_bad_input_is_one_line_naming_key_and_value_exit_2_nothing_written(
+    tmp_path: Path, override: dict[str, object], expected: str
+) -> None:
+    doc = minimal(tmp_path)
+    for section, values in override.items():
+        doc[section] = {**doc.get(section, {}), **values}  # type: ignore[dict-item]
+    path = write_config(tmp_path / "job.yaml", doc)
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(path)],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_global_batch_that_does_not_split_over_the_ranks_is_exit_2_before_any_write(
+    tmp_path: Path, demo_corpus: Path
+) -> None:
+    doc = {
+        **minimal(tmp_path),
+        "data": {"demo_dir": str(demo_corpus)},
+        "train": {"global_batch_tokens": 5 * 32, "seq_len": 32, "micro_batch_size": 2},
+        "model": {"max_seq_len": 32},
+    }
+    path = write_config(tmp_path / "job.yaml", doc)
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.train", "--config", str(path)],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.global_batch_tokens=160" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,76 @@
+"""The daemon's /metrics exposition matches daemon/metrics.yaml, and worker lines update it."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from daemon.metrics import NodeMetrics
+from ops import metrics_catalog
+
+
+def scrape(metrics: NodeMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def value(metrics: NodeMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"run_id": "r", "node": "n", **labels})
+
+
+def fresh() -> NodeMetrics:
+    return NodeMetrics(run_id="r", node="n", registry=CollectorRegistry(), clock=lambda: 1000.0)
+
+
+def test_exposition_matches_the_catalog_exactly() -> None:
+    metrics = fresh()
+    metrics.on_worker_line({"event": "eval", "losses": {"code": 2.5}})
+    problems = metrics_catalog.exposition_problems(
+        scrape(metrics), metrics_catalog.load(), require_all=True
+    )
+    assert problems == []
+
+
+def test_closed_label_values_exist_at_zero_before_any_event() -> None:
+    metrics = fresh()
+    assert value(metrics, "elasticd_worker_restarts_total", reason="hang") == 0
+    assert value(metrics, "elasticd_guard_divergence_events_total", kind="nan") == 0
+    assert value(metrics, "elasticd_daemon_state", state="starting") == 1
+    assert value(metrics, "elasticd_daemon_state", state="running") == 0
+
+
+def test_step_and_divergence_lines_update_training_series() -> None:
+    metrics = fresh()
+    metrics.on_worker_line(
+        {
+            "event": "step",
+            "step": 7,
+            "loss": 3.5,
+            "grad_norm": 1.2,
+            "lr": 0.001,
+            "tokens_per_s": 900.0,
+            "step_seconds": 0.02,
+            "skipped": True,
+        }
+    )
+    metrics.on_worker_line({"event": "divergence", "kind": "nan"})
+    metrics.on_worker_line({"event": "rewind", "to_step": 3})
+    assert value(metrics, "elasticd_train_step") == 7
+    assert value(metrics, "elasticd_train_loss") == 3.5
+    assert value(metrics, "elasticd_train_last_step_timestamp_seconds") == 1000.0
+    assert value(metrics, "elasticd_guard_skipped_steps_total") == 1
+    assert value(metrics, "elasticd_guard_divergence_events_total", kind="nan") == 1
+    assert value(metrics, "elasticd_guard_rewinds_total") == 1
+    assert value(metrics, "elasticd_guard_state", state="rewinding") == 1
+
+
+def test_state_gauge_is_one_hot() -> None:
+    metrics = fresh()
+    metrics.set_state("running")
+    metrics.set_state("draining")
+    states = {
+        s.labels["state"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "elasticd_daemon_state"
+        for s in family.samples
+    }
+    assert states["draining"] == 1
+    assert sum(states.values()) == 1
