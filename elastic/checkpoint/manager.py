@@ -24,6 +24,7 @@ import builtins
 import contextlib
 import contextvars
 import functools
+import json
 import re
 import threading
 import time
@@ -109,10 +110,11 @@ class CheckpointManager:
         """
         if step < 0:
             raise ValueError(f"step={step!r}: must be >= 0")
-        _check_meta(meta)
+        # A deep copy: with async saves the trainer may change its dict before the commit.
+        meta = _check_meta(meta)
         self.wait()
         started = time.monotonic()
-        self._group.decide(lambda: self._prepare(step, meta))
+        self._group.decide(lambda: self._prepare(step))
         writer = self._storage.writer(self._rel(step))
         if not self.config.async_save:
             self._write(step, state, writer)
@@ -131,8 +133,7 @@ class CheckpointManager:
         if pending is not None:
             pending.result()
 
-    def _prepare(self, step: int, meta: dict[str, Any]) -> None:
-        _check_meta(meta)
+    def _prepare(self, step: int) -> None:
         rel = self._rel(step)
         if self._storage.exists(f"{rel}/{MANIFEST}"):
             raise CheckpointExists(f"{self._storage.join(rel)} is committed; not overwriting it")
@@ -474,10 +475,12 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _check_meta(meta: dict[str, Any]) -> None:
+def _check_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round-tripped copy of ``meta``; ``ValueError`` when it is not JSON."""
     if not isinstance(meta, dict):
         raise ValueError(f"meta={meta!r}: must be a dict")
-    Manifest(step=0, world_size=1, time_unix=0.0, files={}, meta=meta).to_json()
+    text = Manifest(step=0, world_size=1, time_unix=0.0, files={}, meta=meta).to_json()
+    return dict(json.loads(text)["meta"])
 
 
 def _summary(exc: BaseException) -> str:
