@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The daemon never imports the workload; the data tool is the workload's own CLI.
         os.execv(sys.executable, [sys.executable, "-m", "model.prepare", *argv[1:]])
     args = _parser().parse_args(argv)
+    # Before grpc loads (through the etcd client): its fork notices are not JSON lines, and
+    # the daemon forks a worker per local rank every round.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from daemon.config import resolve
     from daemon.supervisor import Supervisor
 

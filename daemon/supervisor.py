@@ -214,9 +214,11 @@ class Supervisor:
             world_size=assignment.world_size,
             master=f"{assignment.master_addr}:{assignment.master_port}",
         )
-        return WorkerGroup(
+        workers = WorkerGroup(
             config_path=self.config_path, envs=envs, node=self.node, on_line=self._on_worker_line
         )
+        self.log.info("workers_started", round=assignment.round_id, pids=workers.pids)
+        return workers
 
     def _on_worker_line(self, local_rank: int, record: dict[str, Any]) -> None:
         self.metrics.on_worker_line(record)

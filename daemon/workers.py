@@ -10,6 +10,7 @@ in the worker), and exit codes read the same way (negative = killed by that sign
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -96,6 +97,22 @@ def worker_env(
     return env
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the daemon dies, however it dies.
+
+    A daemon killed by SIGKILL (OOM killer, node failure drill) must not leave workers behind
+    holding GPUs and ports. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _is_config_env(name: str) -> bool:
     # The resolved document already holds every override; workers must not re-apply them.
     return (
@@ -130,6 +147,7 @@ class WorkerGroup:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: we stop the whole tree
+                preexec_fn=_die_with_parent,
             )
             self._procs.append(proc)
             relay = threading.Thread(
@@ -140,6 +158,7 @@ class WorkerGroup:
 
     @property
     def pids(self) -> list[int]:
+        """Worker process ids, by local rank."""
         return [p.pid for p in self._procs]
 
     def poll(self) -> list[WorkerExit]:

@@ -1,0 +1,309 @@
+"""This node's membership in the run's elastic group, over ``elastic.rendezvous``.
+
+Everything the supervisor asks of etcd goes through :class:`Group`:
+
+- ``join()``: one rendezvous round (torch's ``DynamicRendezvousHandler`` on the etcd v3
+  backend) -> a :class:`RoundAssignment` (node rank, node count, the round's master address);
+- liveness: a node lease (key ``nodes/<node>``, info ``{round, group_rank, state, ...}``) and a
+  watch on every node's key: a member of the current round whose lease expires is ``node_lost``;
+- ``announce_failure()`` / ``peer_failed()``: a crash anywhere stops every node at once (the
+  round's abort key), instead of waiting for a collective to time out;
+- ``regroup_wanted()``: a node is waiting to join, or an operator changed ``scale``: the group
+  drains at the next step boundary and forms a new round;
+- control requests (``pause``, ``resume``, ``rewind``) relayed to the workers;
+- status and the bounded event log.
+
+etcd outages: the polling thread keeps the last known answers and flags ``etcd_up=0``; nothing
+here stops running workers because etcd is unreachable. The lease re-asserts itself when etcd
+is back (a node whose lease expired meanwhile rejoins through a new round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+from daemon.config import DaemonConfig
+from daemon.metrics import NodeMetrics
+from daemon.workers import RoundAssignment
+from elastic import jsonlog
+from elastic.rendezvous import (
+    EtcdRendezvousError,
+    EtcdRendezvousHandler,
+    NodeEvent,
+    NodeLease,
+    NodeWatch,
+    RunStore,
+    connect,
+    create_handler,
+)
+from elastic.rendezvous.aborts import RoundAborts
+
+POLL_SECONDS = 0.5
+# torch's handler otherwise creates one TCPStore in the daemon on the first round and hands it
+# to every later round: stale keys from a crashed round then break the next one's gloo mesh (the
+# torchrun + gloo restart failure). With sharing off, each round's rank-0 worker hosts a fresh
+# store on a fresh port (RendezvousStoreInfo.build on every round).
+SHARE_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+class GroupUnavailable(Exception):
+    """No round could be formed now (fewer than ``nodes.min`` alive, or etcd unreachable)."""
+
+
+@dataclasses.dataclass
+class _Flags:
+    """What the polling thread last learned; read by the supervisor without touching etcd."""
+
+    waiting_nodes: int = 0
+    aborted_rounds: set[int] = dataclasses.field(default_factory=set)
+    lost_rounds: set[int] = dataclasses.field(default_factory=set)
+    scale: tuple[int, int] | None = None
+    paused: bool = False
+    rewind_to: int | None = None
+    etcd_up: bool = True
+
+
+class Group:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        node: str,
+        endpoints: tuple[str, ...],
+        metrics: NodeMetrics,
+    ) -> None:
+        os.environ[SHARE_STORE_SWITCH] = "1"  # read by torch inside next_rendezvous()
+        self.config = config
+        self.node = node
+        self.metrics = metrics
+        self.log = jsonlog.get("daemon.group")
+        self.etcd = dataclasses.replace(config.etcd, endpoints=endpoints)
+        self.kv = connect(self.etcd)
+        run_id, prefix = config.run_id, self.etcd.key_prefix
+        self.store = RunStore(self.kv, run_id=run_id, key_prefix=prefix)
+        self.aborts = RoundAborts(self.kv, run_id=run_id, key_prefix=prefix)
+        self.lease = NodeLease(
+            self.kv, run_id=run_id, key_prefix=prefix, ttl_seconds=self.etcd.ttl_seconds
+        )
+        self._members: dict[str, int] = {}  # node -> round it last announced
+        self.watch = NodeWatch(
+            self.kv, run_id=run_id, key_prefix=prefix, on_event=self._on_node_event
+        )
+        self.flags = _Flags()
+        self._lock = threading.Lock()
+        self._round: int | None = None
+        self._group_rank: int | None = None
+        self._bounds = (config.nodes.min, config.nodes.max)
+        self._handler: EtcdRendezvousHandler | None = None
+        self._relayed_pause = False
+        self._consumed_rewind_seq = 0
+        self._lease_info: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name="group-poll", daemon=True)
+
+    # ----------------------------------------------------------------- lifecycle
+    def register(self, status: dict[str, Any]) -> None:
+        self.lease.register(self.node, {**status, "round": None})
+        for node, info in self.watch.start().list_nodes().items():
+            if isinstance(info.get("round"), int):
+                self._members[node] = info["round"]
+        self._poller.start()
+        self.metrics.set_etcd_up(True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.watch.close()
+        self._quietly(self.lease.revoke)
+        self._quietly(self.kv.close)
+
+    def leave(self) -> None:
+        """Graceful exit: revoke the lease now so the others see the departure at once."""
+        self._quietly(self.lease.revoke)
+
+    # ----------------------------------------------------------------- rounds
+    def join(
+        self, *, restart_count: int, should_stop: Callable[[], bool]
+    ) -> RoundAssignment | None:
+        handler = self._current_handler()
+        try:
+            info = handler.next_rendezvous()
+        except (RendezvousError, EtcdRendezvousError) as exc:
+            raise GroupUnavailable(f"no round formed: {type(exc).__name__}: {exc}") from exc
+        if should_stop():
+            return None
+        bootstrap = info.bootstrap_store_info
+        assert bootstrap is not None, "torch >= 2.5 always provides the bootstrap store info"
+        with self._lock:
+            self._round, self._group_rank = handler.round, info.rank
+        self._publish_member(info.rank, info.world_size)
+        if info.rank == 0:
+            self._quietly(lambda: self.aborts.purge_before(handler.round))
+        return RoundAssignment(
+            round_id=handler.round,
+            group_rank=info.rank,
+            num_nodes=info.world_size,
+            nproc_per_node=self.config.nproc_per_node,
+            master_addr=bootstrap.master_addr,
+            master_port=int(bootstrap.master_port),
+            restart_count=restart_count,
+        )
+
+    def _current_handler(self) -> EtcdRendezvousHandler:
+        with self._lock:
+            bounds = self.flags.scale or self._bounds
+        if self._handler is None or bounds != self._bounds:
+            # A new handler over the same shared state: only min/max differ (they are local
+            # settings of torch's handler). Never shutdown() the old one: that would close the
+            # rendezvous for every node.
+            self._bounds = bounds
+            n = self.config.nodes
+            self._handler = create_handler(
+                self.kv,
+                run_id=self.config.run_id,
+                min_nodes=bounds[0],
+                max_nodes=bounds[1],
+                local_addr=n.address or None,
+                join_timeout_seconds=n.join_timeout_seconds,
+                last_call_timeout_seconds=n.last_call_seconds,
+                heartbeat_timeout_seconds=n.keep_alive_seconds * 5,
+                keep_alive_interval_seconds=n.keep_alive_seconds,
+                keep_alive_max_attempt=n.keep_alive_max_missed,
+            )
+            self.metrics.set_group(nodes=0, world_size=0, min_nodes=bounds[0], max_nodes=bounds[1])
+        return self._handler
+
+    def _publish_member(self, group_rank: int, num_nodes: int) -> None:
+        info = {"round": self._round, "group_rank": group_rank, "num_nodes": num_nodes}
+        self._quietly(lambda: self.lease.update({**self._lease_info, **info}))
+
+    # ----------------------------------------------------------------- questions per tick
+    def regroup_wanted(self, assignment: RoundAssignment) -> bool:
+        with self._lock:
+            scale_changed = self.flags.scale is not None and self.flags.scale != self._bounds
+            return self.flags.waiting_nodes > 0 or scale_changed
+
+    def peer_failed(self, assignment: RoundAssignment) -> bool:
+        with self._lock:
+            return assignment.round_id in self.flags.aborted_rounds
+
+    def member_lost(self, assignment: RoundAssignment) -> bool:
+        with self._lock:
+            return assignment.round_id in self.flags.lost_rounds
+
+    def announce_failure(self, assignment: RoundAssignment, detail: str) -> None:
+        with self._lock:
+            self.flags.aborted_rounds.add(assignment.round_id)
+        self._quietly(
+            lambda: self.aborts.announce(assignment.round_id, {"node": self.node, "detail": detail})
+        )
+
+    def take_control(self) -> list[dict[str, Any]]:
+        """Requests for this node's workers since the last call (pause/resume/rewind)."""
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            paused, rewind_to = self.flags.paused, self.flags.rewind_to
+            self.flags.rewind_to = None
+            is_rank0 = self._group_rank == 0
+        if paused != self._relayed_pause:
+            self._relayed_pause = paused
+            out.append({"action": "pause" if paused else "resume"})
+        if rewind_to is not None and is_rank0:
+            # One-shot: the trainer takes rank 0's value, so rank 0's node consumes it.
+            out.append({"action": "rewind", "to_step": rewind_to})
+            self._quietly(lambda: self.store.put_control({"rewind": None}))
+        return out
+
+    # ----------------------------------------------------------------- status and events
+    def event(self, record: dict[str, Any]) -> None:
+        self._quietly(lambda: self.store.append_event({"node": self.node, **record}))
+
+    def publish_node_status(self, status: dict[str, Any]) -> None:
+        self._lease_info = dict(status)
+        with self._lock:
+            info = {**status, "round": self._round, "group_rank": self._group_rank}
+            is_rank0 = self._group_rank == 0
+        self._quietly(lambda: self.lease.update(info))
+        if is_rank0:
+            self._quietly(lambda: self.store.put_status(self._run_status(status)))
+
+    def _run_status(self, status: dict[str, Any]) -> dict[str, Any]:
+        members = self.watch.list_nodes()
+        return {
+            "state": status.get("state"),
+            "round": self._round,
+            "nodes": sorted(members),
+            "members": {n: i for n, i in members.items()},
+            "min_nodes": self._bounds[0],
+            "max_nodes": self._bounds[1],
+            "world_size": sum(1 for i in members.values() if i.get("round") == self._round)
+            * self.config.nproc_per_node,
+            "last_step": status.get("last_step"),
+            "reported_by": self.node,
+        }
+
+    def mark_run(self, state: str) -> None:
+        def put() -> None:
+            current = self.store.get_status() or {}
+            self.store.put_status({**current, "state": state, "reported_by": self.node})
+
+        self._quietly(put)
+
+    # ----------------------------------------------------------------- background
+    def _on_node_event(self, event: NodeEvent) -> None:
+        with self._lock:
+            if event.kind == "joined" and isinstance(event.info.get("round"), int):
+                self._members[event.node_id] = event.info["round"]
+            if event.kind == "left":
+                last_round = self._members.pop(event.node_id, None)
+                if last_round is not None and last_round == self._round:
+                    self.flags.lost_rounds.add(last_round)
+        self.log.info("node_" + event.kind, other=event.node_id)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self._poll_once()
+                up = True
+            except (EtcdRendezvousError, RendezvousError) as exc:
+                up = False
+                self.log.warning("etcd_unreachable", error=str(exc)[:200])
+            if up != self.flags.etcd_up:
+                self.log.info("etcd_up" if up else "etcd_down")
+            self.flags.etcd_up = up
+            self.metrics.set_etcd_up(up)
+
+    def _poll_once(self) -> None:
+        with self._lock:
+            round_id, handler = self._round, self._handler
+        waiting = handler.num_nodes_waiting() if handler is not None else 0
+        aborted = round_id is not None and self.aborts.get(round_id) is not None
+        control = self.store.get_control()
+        scale = control.get("scale")
+        rewind = control.get("rewind")
+        with self._lock:
+            self.flags.waiting_nodes = waiting
+            if aborted and round_id is not None:
+                self.flags.aborted_rounds.add(round_id)
+            if scale:
+                self.flags.scale = (int(scale["min_nodes"]), int(scale["max_nodes"]))
+            self.flags.paused = bool(control.get("paused", False))
+            seq = int(control.get("seq", 0))
+            if rewind and self._group_rank == 0 and seq > self._consumed_rewind_seq:
+                # seq: the deletion below may lag a poll; never relay one request twice.
+                self._consumed_rewind_seq = seq
+                self.flags.rewind_to = int(rewind["to_step"])
+
+    def _quietly(self, action: Callable[[], Any]) -> None:
+        """etcd writes that must not take the node down: log, flag, go on (the poller retries
+        reads; a lost status write is repaired by the next transition)."""
+        try:
+            action()
+        except (EtcdRendezvousError, RendezvousError, RuntimeError) as exc:
+            self.log.warning("etcd_write_failed", error=str(exc)[:200])
+            self.metrics.set_etcd_up(False)
