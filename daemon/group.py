@@ -257,8 +257,6 @@ class Group:
     # ----------------------------------------------------------------- background
     def _on_node_event(self, event: NodeEvent) -> None:
         with self._lock:
-            if event.kind == "joined" and isinstance(event.info.get("round"), int):
-                self._members[event.node_id] = event.info["round"]
             if event.kind == "left":
                 last_round = self._members.pop(event.node_id, None)
                 if last_round is not None and last_round == self._round:
@@ -282,11 +280,19 @@ class Group:
         with self._lock:
             round_id, handler = self._round, self._handler
         waiting = handler.num_nodes_waiting() if handler is not None else 0
+        # Nodes publish their round by updating their key after joining; remember it, so a
+        # departure can be matched to the round it breaks.
+        members = {
+            node: info["round"]
+            for node, info in self.watch.list_nodes().items()
+            if isinstance(info.get("round"), int)
+        }
         aborted = round_id is not None and self.aborts.get(round_id) is not None
         control = self.store.get_control()
         scale = control.get("scale")
         rewind = control.get("rewind")
         with self._lock:
+            self._members.update(members)
             self.flags.waiting_nodes = waiting
             if aborted and round_id is not None:
                 self.flags.aborted_rounds.add(round_id)

@@ -90,12 +90,6 @@ class FaultInjector:
                 return fault
         return None
 
-    def scheduled(self, kind: str) -> list[tuple[int, FaultConfig]]:
-        """Faults of ``kind`` for this rank, with their index (for window-long faults)."""
-        return [
-            (i, f) for i, f in enumerate(self._faults) if f.kind == kind and f.fires_on(self._rank)
-        ]
-
     def _take(self, index: int, fault: FaultConfig) -> bool:
         count = self._count(index)
         if fault.times and count >= fault.times:

@@ -18,6 +18,7 @@ from model import distributed
 from model.config import JobConfig
 from model.mixture import DataLedger, Sampler
 from model.mixture import build_sampler as build_mixture
+from model.shards import DataError
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,18 @@ def _open(job: JobConfig) -> Sampler:
             seq_len=job.train.seq_len,
             global_batch_tokens=job.train.global_batch_tokens,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DataError) as exc:
         raise ConfigError(str(exc)) from exc
 
 
 def _check_geometry(job: JobConfig, plan: BatchPlan) -> None:
     """Fail before anything is written: every stage must split evenly over the ranks."""
     train, sampler = job.train, plan.sampler
+    vocab = job.model.resolved().vocab_size
+    if vocab < sampler.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab}: smaller than the data's tokenizer ({sampler.vocab_size})"
+        )
     per_step = plan.dp_size * plan.micro_batch_size
     for start in sorted({0, *(s.start_step for s in job.data.stages)}):
         seq_len = sampler.seq_len_at(start)

@@ -54,11 +54,15 @@ def init(environ: Mapping[str, str], *, device_preference: str = "auto") -> Dist
 
 
 def shutdown(*, clean: bool) -> None:
-    """Leave the group. After a clean finish every rank meets at a barrier first: rank 0 hosts
-    the store, and a peer still tearing down when it exits aborts in gloo's destructor."""
-    if not dist.is_initialized():
+    """Leave the group after a clean finish: every rank meets at a barrier first (rank 0 hosts
+    the store, and a peer still tearing down when it exits aborts in gloo's destructor).
+
+    After a failure, do nothing: the group is broken, tearing it down can block for seconds on
+    dead peers, and the daemon is waiting for this process to exit to restart the round.
+    """
+    if not clean or not dist.is_initialized():
         return
-    if clean and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
 

@@ -34,6 +34,7 @@ from elastic.channel import WORKER_DIR_ENV, Control, WorkerChannel
 from elastic.checkpoint.app_state import app_state, restore_app_state
 from elastic.checkpoint.errors import CheckpointExists
 from elastic.checkpoint.manager import CheckpointManager
+from elastic.checkpoint.storage import Storage
 from elastic.config import ConfigError, fingerprint
 from elastic.faults import FaultInjector
 from elastic.guard import Action, CheckpointInfo, Guard, RewindPlan, Verdict
@@ -83,6 +84,27 @@ class ControlState:
             self.rewind_to = control.to_step
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """Files of one run beside its checkpoints, under ``<checkpoint.url>/<run_id>/``.
+
+    The ledger and the fault firing records are per run: runs sharing a ``checkpoint.url``
+    must never read each other's data decisions or fault counts.
+    """
+
+    storage: Storage
+    run_id: str
+
+    def exists(self, rel: str) -> bool:
+        return self.storage.exists(f"{self.run_id}/{rel}")
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.storage.read_bytes(f"{self.run_id}/{rel}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.storage.write_bytes(f"{self.run_id}/{rel}", data)
+
+
 @dataclass
 class Trainer:
     job: JobConfig
@@ -109,7 +131,8 @@ class Trainer:
         )
         self.guard = Guard(self.job.guard, self.job.rewind)
         self.ledger = RunLedger()
-        self.faults = FaultInjector(self.job.faults, rank=self.info.rank, record=self.ckpt.storage)
+        self.run_files = RunFiles(self.ckpt.storage, self.job.run_id)
+        self.faults = FaultInjector(self.job.faults, rank=self.info.rank, record=self.run_files)
         self.spikes: list[LrWindow] = []
         self.committed: dict[int, bool] = {}
         self.control = ControlState()
@@ -137,6 +160,9 @@ class Trainer:
         micro_batches = self.plan.local(step)
         poisoned = self.faults.due("poison_batch", step)
         nan_fault = self.faults.due("nan", step)
+        for kind, fault in (("poison_batch", poisoned), ("nan", nan_fault)):
+            if fault is not None:
+                self._log_fault(kind, step)
         self.optimizer.zero_grad(set_to_none=True)
         # Scaled so FSDP's mean over ranks yields the exact gradient of the global mean loss.
         scale = info.world_size / self.plan.global_tokens(step)
@@ -197,7 +223,7 @@ class Trainer:
         self.channel.beat(self.step, "load")
         self.restore()
         if self.faults.due("crash_on_start") is not None:
-            self.log.error("fault_injected", kind="crash_on_start")
+            self._log_fault("crash_on_start", self.step)
             os._exit(13)
         while self.step < self.job.train.steps:
             next_step = self.step + 1
@@ -289,6 +315,9 @@ class Trainer:
         self.ledger.add_data_action(plan.data_action, *window)
         self.guard.record_rewind(plan)
         self.plan = self.plan.with_ledger(self.ledger.data)
+        # An lr_spike that started after the target belongs to the abandoned stretch: it fired
+        # (and was recorded) once; the replay re-fires it only if its `times` allow.
+        self.spikes = [w for w in self.spikes if w.start_step <= plan.to_step]
         self._load(step=plan.to_step, keep_ledger=True)
         self.committed = {s: g for s, g in self.committed.items() if s <= plan.to_step}
         self.ledger.record(
@@ -405,12 +434,12 @@ class Trainer:
     def _write_ledger(self) -> None:
         self.ledger.guard = self.guard.state_dict()
         if self.info.is_main:
-            self.ckpt.storage.write_bytes(RunLedger.FILE, self.ledger.dumps())
+            self.run_files.write_bytes(RunLedger.FILE, self.ledger.dumps())
 
     def _read_ledger(self) -> dict[str, Any] | None:
-        if not self.ckpt.storage.exists(RunLedger.FILE):
+        if not self.run_files.exists(RunLedger.FILE):
             return None
-        return RunLedger.loads(self.ckpt.storage.read_bytes(RunLedger.FILE))
+        return RunLedger.loads(self.run_files.read_bytes(RunLedger.FILE))
 
     # ----------------------------------------------------------------- control, faults, eval
     def _paused(self) -> bool:
@@ -429,17 +458,15 @@ class Trainer:
                 return drain > 0
 
     def _fire_process_faults(self, step: int) -> None:
-        for index, fault in self.faults.scheduled("lr_spike"):
-            if fault.step == step and self.faults.due("lr_spike", step) is not None:
-                self.spikes.append(LrWindow(step, step + fault.duration_steps, fault.factor))
-                self._log_event("fault_injected", kind="lr_spike", fault=index)
+        spike = self.faults.due("lr_spike", step)
+        if spike is not None:
+            self.spikes.append(LrWindow(step, step + spike.duration_steps, spike.factor))
+            self._log_fault("lr_spike", step)
         if self.faults.due("kill", step) is not None:
-            self._log_event("fault_injected", kind="kill")
-            sys.stdout.flush()
+            self._log_fault("kill", step)
             os.kill(os.getpid(), signal.SIGKILL)
         if self.faults.due("hang", step) is not None:
-            self._log_event("fault_injected", kind="hang")
-            sys.stdout.flush()
+            self._log_fault("hang", step)
             while True:  # no heartbeat from here on: the daemon's watchdog must notice
                 time.sleep(3600)
 
@@ -469,6 +496,11 @@ class Trainer:
         if self.job.train.log_sample_ids:
             fields["sample_ids"] = self.plan.global_sample_ids(result.step)
         self.log.info("step", **fields)
+
+    def _log_fault(self, kind: str, step: int) -> None:
+        """From the rank that fires it (often not rank 0), flushed before the fault acts."""
+        self.log.warning("fault_injected", kind=kind, step=step)
+        sys.stdout.flush()
 
     def _log_event(self, event: str, *, level: str = "info", **fields: Any) -> None:
         if self.info.is_main:
