@@ -45,6 +45,7 @@ from elastic.rendezvous import (
 from elastic.rendezvous.aborts import RoundAborts
 
 POLL_SECONDS = 0.5
+STATUS_EVERY_POLLS = 4  # status (last step...) refreshed in etcd every 2 s
 # torch's handler otherwise creates one TCPStore in the daemon on the first round and hands it
 # to every later round: stale keys from a crashed round then break the next one's gloo mesh (the
 # torchrun + gloo restart failure). With sharing off, each round's rank-0 worker hosts a fresh
@@ -223,6 +224,10 @@ class Group:
     def event(self, record: dict[str, Any]) -> None:
         self._quietly(lambda: self.store.append_event({"node": self.node, **record}))
 
+    def set_status(self, status: dict[str, Any]) -> None:
+        """Latest status for the poller to publish (no etcd call on the caller's thread)."""
+        self._lease_info = dict(status)
+
     def publish_node_status(self, status: dict[str, Any]) -> None:
         self._lease_info = dict(status)
         with self._lock:
@@ -244,6 +249,8 @@ class Group:
             "world_size": sum(1 for i in members.values() if i.get("round") == self._round)
             * self.config.nproc_per_node,
             "last_step": status.get("last_step"),
+            "checkpoint_url": self.config.checkpoint.url,
+            "nproc_per_node": self.config.nproc_per_node,
             "reported_by": self.node,
         }
 
@@ -264,9 +271,13 @@ class Group:
         self.log.info("node_" + event.kind, other=event.node_id)
 
     def _poll_loop(self) -> None:
+        ticks = 0
         while not self._stop.wait(POLL_SECONDS):
+            ticks += 1
             try:
                 self._poll_once()
+                if ticks % STATUS_EVERY_POLLS == 0 and self._lease_info:
+                    self.publish_node_status(self._lease_info)
                 up = True
             except (EtcdRendezvousError, RendezvousError) as exc:
                 up = False

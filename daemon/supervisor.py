@@ -250,6 +250,7 @@ class Supervisor:
             progress.update(beats, now)
             self.last_step = max(self.last_step, progress.step)
             self.metrics.set_progress(progress.step)
+            self.group.set_status(self.status())
             obs = Observation(
                 exit_codes=_exit_codes(workers, assignment.nproc_per_node),
                 last_progress_unix=progress.last_change,

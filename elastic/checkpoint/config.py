@@ -21,7 +21,7 @@ class CheckpointConfig:
     """Root URL; checkpoints live under ``<url>/<run_id>/step-<N>/``."""
     interval_steps: int = 50
     """Commit a checkpoint every this many optimizer steps (> 0)."""
-    keep_last: int = 3
+    keep_last: int = 4
     """Committed checkpoints kept by retention (>= 2; the newest known-good is kept on top)."""
     async_save: bool = field(default=False, metadata={"key": "async"})
     """Write in the background (DCP async_save); the manifest lands when the write completes."""

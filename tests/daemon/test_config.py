@@ -106,3 +106,8 @@ def test_global_batch_that_does_not_split_over_the_ranks_is_exit_2_before_any_wr
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "train.global_batch_tokens=160" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_all_defaults_document_is_valid() -> None:
+    config, _ = resolve(None, environ={})
+    assert config.checkpoint.keep_last >= 2 and config.nodes.min == 1

@@ -9,7 +9,7 @@ from elastic.config import ConfigError, build, to_dict
 def test_defaults_are_valid() -> None:
     config = CheckpointConfig()
     assert config.interval_steps == 50
-    assert config.keep_last == 3
+    assert config.keep_last == 4  # the smallest that satisfies the rewind retention rule
     assert config.async_save is False
     assert config.storage_options == {}
 

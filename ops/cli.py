@@ -1,0 +1,220 @@
+"""``elasticctl``: read and steer a running elasticd run through etcd.
+
+    elasticctl [--etcd ENDPOINTS] [--run-id ID] [--key-prefix P] COMMAND
+
+    status [--json]                  the run's state, round, members, world size, last step
+    events [--limit N] [--json]      the run's bounded event log (oldest first)
+    checkpoints --url URL [--verify] committed checkpoints, known-good flags, file checks
+    scale --min N --max M            new node bounds; the group re-forms at a step boundary
+    pause | resume                   hold training at the next step boundary / go on
+    rewind --to-step N               rewind to the committed checkpoint of step N
+    report --log FILE... --out PNG   loss and grad norm over steps, with events marked
+
+Control requests are written to the run's control key in etcd, which every daemon watches;
+they take effect at the next step boundary. Bad usage: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from elastic.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+from elastic.rendezvous import EtcdConfig, EtcdRendezvousError, RunStore, connect
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elasticctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--etcd",
+        default="127.0.0.1:2379",
+        help="comma-separated etcd endpoints (default 127.0.0.1:2379)",
+    )
+    parser.add_argument("--run-id", default="demo")
+    parser.add_argument("--key-prefix", default="/elasticd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status")
+    status.add_argument("--json", action="store_true")
+    events = sub.add_parser("events")
+    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--json", action="store_true")
+    ckpt = sub.add_parser("checkpoints")
+    ckpt.add_argument("--url", default=None, help="checkpoint.url (default: from run status)")
+    ckpt.add_argument("--verify", action="store_true", help="check files against manifests")
+    ckpt.add_argument("--json", action="store_true")
+    scale = sub.add_parser("scale")
+    scale.add_argument("--min", type=int, required=True, dest="min_nodes")
+    scale.add_argument("--max", type=int, required=True, dest="max_nodes")
+    sub.add_parser("pause")
+    sub.add_parser("resume")
+    rewind = sub.add_parser("rewind")
+    rewind.add_argument("--to-step", type=int, required=True)
+    report = sub.add_parser("report")
+    report.add_argument("--log", nargs="+", required=True, help="JSON-lines logs of the run")
+    report.add_argument("--out", required=True, help="PNG file to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        from ops.report import write_report
+
+        return write_report(args.log, args.out)
+    try:
+        return _COMMANDS[args.command](args)
+    except ValueError as exc:
+        print(f"elasticctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (EtcdRendezvousError, CheckpointError) as exc:
+        print(f"elasticctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _store(args: argparse.Namespace) -> RunStore:
+    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    config = EtcdConfig(
+        endpoints=endpoints, key_prefix=args.key_prefix, connect_timeout_seconds=5.0
+    )
+    return RunStore(connect(config), run_id=args.run_id, key_prefix=args.key_prefix)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _store(args).get_status()
+    if status is None:
+        print(f"elasticctl: no status for run {args.run_id!r}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        (k, status.get(k))
+        for k in (
+            "state",
+            "round",
+            "world_size",
+            "last_step",
+            "min_nodes",
+            "max_nodes",
+            "checkpoint_url",
+        )
+    ]
+    print(_table(["field", "value"], rows))
+    members = status.get("members") or {}
+    if members:
+        print()
+        print(
+            _table(
+                ["node", "state", "round", "group_rank", "last_step"],
+                [
+                    (n, i.get("state"), i.get("round"), i.get("group_rank"), i.get("last_step"))
+                    for n, i in sorted(members.items())
+                ],
+            )
+        )
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    events = _store(args).events(limit=args.limit)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return EXIT_OK
+    for event in events:
+        rest = {k: v for k, v in event.items() if k not in ("seq", "ts", "event", "node")}
+        print(
+            f"{event.get('seq', ''):>6} {event.get('ts', '')} {event.get('node', '-'):<14} "
+            f"{event.get('event', ''):<18} {json.dumps(rest, sort_keys=True)}"
+        )
+    return EXIT_OK
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    url = args.url or (_store(args).get_status() or {}).get("checkpoint_url")
+    if not url:
+        raise ValueError("--url: not given and the run status has no checkpoint_url")
+    manager = CheckpointManager(CheckpointConfig(url=url), run_id=args.run_id, rank=0, world_size=1)
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
+    for manifest in manager.list():
+        problems = manager.verify(manifest) if args.verify else []
+        bad += bool(problems)
+        rows.append(
+            (
+                manifest.step,
+                manifest.world_size,
+                manifest.known_good,
+                manifest.size_bytes,
+                "; ".join(problems) or ("ok" if args.verify else ""),
+            )
+        )
+    if args.json:
+        keys = ("step", "world_size", "known_good", "size_bytes", "problems")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+    else:
+        print(_table(["step", "world_size", "known_good", "size_bytes", "verify"], rows))
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if not 1 <= args.min_nodes <= args.max_nodes:
+        raise ValueError(f"--min={args.min_nodes} --max={args.max_nodes}: need 1 <= min <= max")
+    doc = _store(args).put_control(
+        {"scale": {"min_nodes": args.min_nodes, "max_nodes": args.max_nodes}}
+    )
+    print(f"scale requested: min {args.min_nodes}, max {args.max_nodes} (control seq {doc['seq']})")
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _store(args).put_control({"paused": True})
+    print("pause requested: training holds at the next step boundary")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _store(args).put_control({"paused": None})
+    print("resume requested")
+    return EXIT_OK
+
+
+def cmd_rewind(args: argparse.Namespace) -> int:
+    if args.to_step < 0:
+        raise ValueError(f"--to-step={args.to_step}: must be >= 0")
+    _store(args).put_control({"rewind": {"to_step": args.to_step}})
+    print(f"rewind to step {args.to_step} requested")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "status": cmd_status,
+    "events": cmd_events,
+    "checkpoints": cmd_checkpoints,
+    "scale": cmd_scale,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "rewind": cmd_rewind,
+}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in header], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

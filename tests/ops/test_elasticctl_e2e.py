@@ -1,0 +1,113 @@
+"""elasticctl against a real two-node run over a real etcd (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemons import daemons, merged_steps, start_daemon, tiny_job, wait_step
+from tests.support.etcd import EtcdServer, etcd_server
+from tests.support.procs import REPO, base_env, wait_for
+
+__all__ = ["etcd_server"]
+pytestmark = pytest.mark.slow
+
+
+def ctl(endpoint: str, run_id: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", "--etcd", endpoint, "--run-id", run_id, *args],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_elasticctl_reads_and_steers_a_running_group(
+    tmp_path: Path, demo_corpus: Path, etcd_server: EtcdServer
+) -> None:
+    ep, run = etcd_server.endpoint, "ctl"
+    doc = tiny_job(
+        tmp_path,
+        demo_corpus,
+        endpoint=ep,
+        run_id=run,
+        nodes={"min": 1, "max": 2},
+        train={"steps": 100000},
+    )
+    with daemons() as group:
+        group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b")]
+        wait_for(
+            lambda: any(r["world_size"] == 2 for r in merged_steps(*group)),
+            timeout_seconds=240,
+            what="a step at world size 2",
+        )
+        wait_step(group, 25, timeout_seconds=120)
+
+        status = ctl(ep, run, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        body = json.loads(status.stdout)
+        assert body["state"] == "running" and body["world_size"] == 2
+        assert "state" in ctl(ep, run, "status").stdout  # the readable table
+
+        events = json.loads(ctl(ep, run, "events", "--json").stdout)
+        assert any(e["event"] == "state" and e["state"] == "running" for e in events)
+
+        ckpts = ctl(ep, run, "checkpoints", "--verify", "--json")
+        assert ckpts.returncode == 0, ckpts.stderr
+        listed = json.loads(ckpts.stdout)
+        assert listed and all(c["problems"] == "" for c in listed)
+        assert any(c["known_good"] for c in listed)
+        target = max(c["step"] for c in listed if c["known_good"])
+
+        assert ctl(ep, run, "pause").returncode == 0
+        wait_for(
+            lambda: [r for d in group for r in d.events("paused")],
+            timeout_seconds=30,
+            what="paused",
+        )
+        held = max(r["step"] for r in merged_steps(*group))
+        time.sleep(3)  # a pause must hold: no step may complete in this window
+        assert max(r["step"] for r in merged_steps(*group)) == held
+        assert ctl(ep, run, "resume").returncode == 0
+        wait_step(group, held + 3, timeout_seconds=60)
+
+        assert ctl(ep, run, "rewind", "--to-step", str(target)).returncode == 0
+        rewind = wait_for(
+            lambda: [r for d in group for r in d.events("rewind")],
+            timeout_seconds=60,
+            what="rewind",
+        )[0]
+        assert rewind["to_step"] == target
+
+        scale_at = time.time()
+        assert ctl(ep, run, "scale", "--min", "1", "--max", "1").returncode == 0
+        wait_for(
+            lambda: [
+                r for r in merged_steps(*group) if r["ts"] > scale_at and r["world_size"] == 1
+            ],
+            timeout_seconds=120,
+            what="a step at world size 1 after scale",
+        )
+
+    png = tmp_path / "report.png"
+    report = ctl(ep, run, "report", "--log", *[str(d.log) for d in group], "--out", str(png))
+    assert report.returncode == 0, report.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(png)).shape[0] >= 400
+
+
+def test_bad_usage_is_one_line_and_exit_2(etcd_server: EtcdServer) -> None:
+    proc = ctl(etcd_server.endpoint, "ctl", "scale", "--min", "3", "--max", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["elasticctl: --min=3 --max=1: need 1 <= min <= max"]
