@@ -62,6 +62,7 @@ class _Flags:
     """What the polling thread last learned; read by the supervisor without touching etcd."""
 
     waiting_nodes: int = 0
+    polls: int = 0  # completed polls; answers polled before a round formed are stale for it
     aborted_rounds: set[int] = dataclasses.field(default_factory=set)
     lost_rounds: set[int] = dataclasses.field(default_factory=set)
     scale: tuple[int, int] | None = None
@@ -104,6 +105,7 @@ class Group:
         self._handler: EtcdRendezvousHandler | None = None
         self._relayed_pause = False
         self._consumed_rewind_seq = 0
+        self._joined_at_poll = 0
         self._lease_info: dict[str, Any] = {}
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="group-poll", daemon=True)
@@ -142,6 +144,8 @@ class Group:
         assert bootstrap is not None, "torch >= 2.5 always provides the bootstrap store info"
         with self._lock:
             self._round, self._group_rank = handler.round, info.rank
+            self.flags.waiting_nodes = 0
+            self._joined_at_poll = self.flags.polls
         self._publish_member(info.rank, info.world_size)
         if info.rank == 0:
             self._quietly(lambda: self.aborts.purge_before(handler.round))
@@ -186,6 +190,8 @@ class Group:
     # ----------------------------------------------------------------- questions per tick
     def regroup_wanted(self, assignment: RoundAssignment) -> bool:
         with self._lock:
+            if self.flags.polls <= self._joined_at_poll + 1:
+                return False  # the last poll may have started before this round formed
             scale_changed = self.flags.scale is not None and self.flags.scale != self._bounds
             return self.flags.waiting_nodes > 0 or scale_changed
 
@@ -305,6 +311,7 @@ class Group:
         with self._lock:
             self._members.update(members)
             self.flags.waiting_nodes = waiting
+            self.flags.polls += 1
             if aborted and round_id is not None:
                 self.flags.aborted_rounds.add(round_id)
             if scale:

@@ -306,6 +306,12 @@ class Supervisor:
             detail=decision.detail,
             round=assignment.round_id,
         )
+        if self.state is State.DRAINING:
+            # Leaving anyway: whatever else happened meanwhile (a peer lost, a crash) is the
+            # remaining group's to recover from its newest committed checkpoint.
+            self.transition(State.STOPPED, reason="drained", detail=decision.detail)
+            self.group.leave()
+            return EXIT_OK
         if decision.kind is Kind.DONE:
             self.transition(State.STOPPED, reason="training finished")
             self.group.mark_run("done")

@@ -121,6 +121,12 @@ def _scalar(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads "1e-7" as a string; a number is what the user meant.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r}: must be a number")
     if tp is str:
         if isinstance(value, str):

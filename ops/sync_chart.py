@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHART_FILES = REPO / "helm" / "elasticd" / "files"
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,8 @@ class Copy:
         self.target.write_text(self.expected(), encoding="utf-8")
 
 
-def _yaml_header(source: Path) -> str:
-    relative = source.relative_to(REPO).as_posix()
+def _yaml_header(source: Path, repo: Path) -> str:
+    relative = source.relative_to(repo).as_posix()
     return f"# GENERATED from {relative} by ops/sync_chart.py: edit the source, not this copy.\n"
 
 
@@ -50,7 +49,7 @@ def copies(repo: Path = REPO) -> tuple[Copy, ...]:
     rules = repo / "ops" / "prometheus" / "alerts.yaml"
     files = repo / "helm" / "elasticd" / "files"
     return (
-        Copy(source=rules, target=files / "alerts.yaml", header=_yaml_header(rules)),
+        Copy(source=rules, target=files / "alerts.yaml", header=_yaml_header(rules, repo)),
         Copy(
             source=repo / "ops" / "grafana" / "elasticd.json",
             target=files / "elasticd.json",
@@ -64,19 +63,19 @@ def stale(repo: Path = REPO) -> list[Path]:
     return [c.target for c in copies(repo) if not c.is_current()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, repo: Path = REPO) -> int:
     parser = argparse.ArgumentParser(prog="python ops/sync_chart.py", description=__doc__)
     parser.add_argument("--check", action="store_true", help="report stale copies, write none")
     args = parser.parse_args(argv)
     if args.check:
-        out_of_date = stale()
+        out_of_date = stale(repo)
         for path in out_of_date:
-            print(f"stale: {path.relative_to(REPO)} (run: python ops/sync_chart.py)")
+            print(f"stale: {path.relative_to(repo)} (run: python ops/sync_chart.py)")
         return 1 if out_of_date else 0
-    for item in copies():
+    for item in copies(repo):
         if not item.is_current():
             item.write()
-            print(f"wrote {item.target.relative_to(REPO)}")
+            print(f"wrote {item.target.relative_to(repo)}")
     return 0
 
 

@@ -70,3 +70,9 @@ def test_lifecycle_table_refuses_undocumented_transitions() -> None:
         next_state(State.STOPPED, State.RUNNING)
     with pytest.raises(TransitionError):
         next_state(State.DRAINING, State.RUNNING)
+
+
+def test_a_draining_node_may_only_stop() -> None:
+    assert next_state(State.DRAINING, State.STOPPED) is State.STOPPED
+    with pytest.raises(TransitionError):
+        next_state(State.DRAINING, State.JOINING)

@@ -86,3 +86,14 @@ def test_round_trip_and_fingerprint_are_stable() -> None:
 def test_missing_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="file not found"):
         layered("/nope.yaml", environ={})
+
+
+@dataclass(frozen=True)
+class Rates:
+    lr: float = 0.1
+
+
+def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers() -> None:
+    assert build(Rates, {"lr": "1e-7"}).lr == 1e-7
+    with pytest.raises(ConfigError, match=re.escape("lr='fast': must be a number")):
+        build(Rates, {"lr": "fast"})

@@ -1,0 +1,177 @@
+{{/*
+Names, labels and the derived values every template shares. Names are truncated to 63
+characters (the DNS label limit) and never end in "-".
+*/}}
+
+{{- define "elasticd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-<chart>, or the release name when it already contains the chart name. */}}
+{{- define "elasticd.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled etcd's names leave room for "-etcd-headless" and the pod ordinal. */}}
+{{- define "elasticd.etcd.fullname" -}}
+{{- printf "%s-etcd" (include "elasticd.fullname" . | trunc 40 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "elasticd.etcd.headless" -}}
+{{- printf "%s-headless" (include "elasticd.etcd.fullname" .) -}}
+{{- end -}}
+
+{{- define "elasticd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "elasticd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "elasticd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "elasticd.labels" -}}
+helm.sh/chart: {{ include "elasticd.chart" . }}
+{{ include "elasticd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: elasticd
+{{- end -}}
+
+{{/* Selector of the elasticd pods (component "node") and of the bundled etcd ("etcd"). */}}
+{{- define "elasticd.node.selectorLabels" -}}
+{{ include "elasticd.selectorLabels" . }}
+app.kubernetes.io/component: node
+{{- end -}}
+
+{{- define "elasticd.etcd.selectorLabels" -}}
+{{ include "elasticd.selectorLabels" . }}
+app.kubernetes.io/component: etcd
+{{- end -}}
+
+{{- define "elasticd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "elasticd.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "elasticd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "elasticd.runId" -}}
+{{- default .Release.Name .Values.runId -}}
+{{- end -}}
+
+{{- define "elasticd.nprocPerNode" -}}
+{{- if .Values.nprocPerNode -}}
+{{- .Values.nprocPerNode | int -}}
+{{- else -}}
+{{- max 1 (.Values.gpu.count | int) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Kubernetes SIGKILLs after this: the drain timeout plus a margin, whole seconds. */}}
+{{- define "elasticd.terminationGracePeriodSeconds" -}}
+{{- add (ceil .Values.drain.timeoutSeconds | int) (.Values.drain.graceMarginSeconds | int) -}}
+{{- end -}}
+
+{{- define "elasticd.etcd.tlsDir" -}}/etc/elasticd-tls/etcd{{- end -}}
+
+{{/* Client URLs of etcd, one per bundled member (failover), or the external ones. */}}
+{{- define "elasticd.etcd.endpoints" -}}
+{{- $endpoints := list -}}
+{{- if eq .Values.etcd.mode "bundled" -}}
+{{- $name := include "elasticd.etcd.fullname" . -}}
+{{- $domain := printf "%s.%s.svc.%s" (include "elasticd.etcd.headless" .) .Release.Namespace .Values.clusterDomain -}}
+{{- range $i := until (.Values.etcd.bundled.replicas | int) -}}
+{{- $endpoints = append $endpoints (printf "http://%s-%d.%s:2379" $name $i $domain) -}}
+{{- end -}}
+{{- else -}}
+{{- $endpoints = .Values.etcd.external.endpoints -}}
+{{- end -}}
+{{- toJson $endpoints -}}
+{{- end -}}
+
+{{/*
+The elasticd config document: the `config` value with the chart-owned keys filled in. Keys
+the chart owns win; the schema rejects them inside `config`, so nothing is silently dropped.
+*/}}
+{{- define "elasticd.config" -}}
+{{- $v := .Values -}}
+{{- $doc := deepCopy ($v.config | default dict) -}}
+{{- $_ := set $doc "run_id" (include "elasticd.runId" .) -}}
+{{- $_ = set $doc "run_dir" $v.runDir.path -}}
+{{- $_ = set $doc "nproc_per_node" (include "elasticd.nprocPerNode" . | int) -}}
+{{- $_ = set $doc "nodes" (merge (dict "min" $v.nodes.min "max" $v.nodes.max) (get $doc "nodes" | default dict)) -}}
+{{- $_ = set $doc "drain" (dict "timeout_seconds" $v.drain.timeoutSeconds) -}}
+{{- $_ = set $doc "metrics" (dict "bind" "0.0.0.0" "port" $v.metrics.port) -}}
+{{- $etcd := dict "endpoints" (include "elasticd.etcd.endpoints" . | fromJsonArray) -}}
+{{- if and (eq $v.etcd.mode "external") $v.etcd.external.tls.secretName -}}
+{{- $tls := $v.etcd.external.tls -}}
+{{- $dir := include "elasticd.etcd.tlsDir" . -}}
+{{- $_ = set $etcd "tls_ca" (printf "%s/%s" $dir $tls.caKey) -}}
+{{- if $tls.certKey -}}
+{{- $_ = set $etcd "tls_cert" (printf "%s/%s" $dir $tls.certKey) -}}
+{{- $_ = set $etcd "tls_key" (printf "%s/%s" $dir $tls.keyKey) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ = set $doc "etcd" (merge $etcd (get $doc "etcd" | default dict)) -}}
+{{- $ckpt := dict -}}
+{{- if eq $v.checkpoint.storage "s3" -}}
+{{- $_ = set $ckpt "url" $v.checkpoint.s3.url -}}
+{{- $options := dict -}}
+{{- if $v.checkpoint.s3.endpointUrl -}}
+{{- $_ = set $options "endpoint_url" $v.checkpoint.s3.endpointUrl -}}
+{{- end -}}
+{{- if $v.checkpoint.s3.region -}}
+{{- $_ = set $options "client_kwargs" (dict "region_name" $v.checkpoint.s3.region) -}}
+{{- end -}}
+{{- if $options -}}
+{{- $_ = set $ckpt "storage_options" $options -}}
+{{- end -}}
+{{- else -}}
+{{- $_ = set $ckpt "url" $v.checkpoint.pvc.mountPath -}}
+{{- end -}}
+{{- $_ = set $doc "checkpoint" (merge $ckpt (get $doc "checkpoint" | default dict)) -}}
+{{- toPrettyJson $doc -}}
+{{- end -}}
+
+{{/* What a schema cannot check: relations between values. Included by the StatefulSet. */}}
+{{- define "elasticd.validate" -}}
+{{- $v := .Values -}}
+{{- if gt ($v.nodes.min | int) ($v.nodes.max | int) -}}
+{{- fail (printf "nodes.min=%v must be <= nodes.max=%v" $v.nodes.min $v.nodes.max) -}}
+{{- end -}}
+{{- $replicas := $v.replicas | int -}}
+{{- if and (ne $replicas 0) (or (lt $replicas ($v.nodes.min | int)) (gt $replicas ($v.nodes.max | int))) -}}
+{{- fail (printf "replicas=%v must lie in nodes.min..nodes.max (%v..%v), or be 0" $v.replicas $v.nodes.min $v.nodes.max) -}}
+{{- end -}}
+{{- if eq $v.etcd.mode "external" -}}
+{{- if not $v.etcd.external.endpoints -}}
+{{- fail "etcd.mode=external needs etcd.external.endpoints" -}}
+{{- end -}}
+{{- $tls := $v.etcd.external.tls -}}
+{{- if and $tls.secretName (ne (empty $tls.certKey) (empty $tls.keyKey)) -}}
+{{- fail "etcd.external.tls.certKey and keyKey must be given together (or both empty)" -}}
+{{- end -}}
+{{- else if $v.etcd.external.endpoints -}}
+{{- fail "etcd.external.endpoints is set but etcd.mode=bundled: set etcd.mode=external" -}}
+{{- end -}}
+{{- if eq $v.checkpoint.storage "s3" -}}
+{{- if not (hasPrefix "s3://" $v.checkpoint.s3.url) -}}
+{{- fail (printf "checkpoint.storage=s3 needs checkpoint.s3.url=s3://BUCKET/PREFIX (got %q)" $v.checkpoint.s3.url) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

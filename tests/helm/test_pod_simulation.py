@@ -1,0 +1,296 @@
+"""Pods of the rendered chart as local processes: they form a group and train, a third joins
+(scale up), one is told to leave with SIGTERM (scale down) and drains within the rendered grace
+period; a final SIGTERM to all (uninstall) drains the rest.
+
+From the rendered StatefulSet we take the container's command, args and env, and the config
+file from the ConfigMap it mounts. A local etcd stands in for the chart's. What a pod gets from
+Kubernetes is stood in for, and only that (``_standins``):
+
+- the downward API: metadata.name -> the pod name, status.podIP -> 127.0.0.1;
+- the ConfigMap volume: the mounted config file is written to a local file, and the args'
+  path to it is replaced with the local one;
+- the pod's own emptyDir and network namespace: ``ELASTICD_RUN_DIR`` and
+  ``ELASTICD_METRICS__PORT``/``BIND`` (several pods share one host and loopback here);
+- the bundled etcd's DNS names: ``ELASTICD_ETCD__ENDPOINTS`` names the local etcd;
+- the shared checkpoint volume: ``checkpoint.pvc.mountPath`` is a local directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helm.chart import RELEASE, config_document, container, pod_spec, render
+from tests.support.etcd import EtcdServer
+from tests.support.procs import REPO, events, free_port, read_lines, wait_for
+
+pytestmark = pytest.mark.slow
+
+FULLNAME = f"{RELEASE}-elasticd"
+DRAIN_TIMEOUT_SECONDS = 60
+GRACE_MARGIN_SECONDS = 20
+START_TIMEOUT_SECONDS = 240  # joining includes importing torch in every worker
+REGROUP_TIMEOUT_SECONDS = 180
+
+
+def _values(tmp_path: Path, demo_corpus: Path) -> Path:
+    """A CPU-cheap run: tiny model, 24 samples x 32 tokens per step, one worker per pod."""
+    values = {
+        "replicas": 2,
+        "nodes": {"min": 1, "max": 3},
+        "gpu": {"count": 0},
+        "nprocPerNode": 1,
+        "drain": {
+            "timeoutSeconds": DRAIN_TIMEOUT_SECONDS,
+            "graceMarginSeconds": GRACE_MARGIN_SECONDS,
+        },
+        "checkpoint": {"storage": "pvc", "pvc": {"mountPath": str(tmp_path / "checkpoints")}},
+        "config": {
+            "nodes": {"last_call_seconds": 2, "keep_alive_seconds": 1, "keep_alive_max_missed": 3},
+            "etcd": {"ttl_seconds": 3},
+            "checkpoint": {"interval_steps": 20, "keep_last": 5, "async": False},
+            "rewind": {"min_steps_back": 10, "good_after_steps": 5},
+            "watchdog": {
+                "timeout_seconds": 30,
+                "startup_timeout_seconds": 180,
+                "poll_seconds": 0.2,
+            },
+            "model": {"size": "tiny", "max_seq_len": 32},
+            "data": {"demo": True, "demo_dir": str(demo_corpus), "eval_every_steps": 0},
+            # Enough steps that no phase races the end; the run ends with SIGTERM to all.
+            "train": {
+                "steps": 100000,
+                "global_batch_tokens": 24 * 32,
+                "micro_batch_size": 4,
+                "seq_len": 32,
+                "warmup_steps": 5,
+                "device": "cpu",
+            },
+        },
+    }
+    path = tmp_path / "simulation-values.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Pod:
+    """One simulated pod: the container's process and its stdout (JSON lines)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return events(self.log, name)
+
+    def steps(self) -> list[dict[str, Any]]:
+        return self.events("step")
+
+    def tail(self, num_lines: int = 40) -> str:
+        return "\n".join(json.dumps(r) for r in read_lines(self.log)[-num_lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+
+
+class Cluster:
+    """Starts pods from the rendered manifests the way the kubelet would start the container."""
+
+    def __init__(self, docs: list[dict[str, Any]], *, tmp_path: Path, etcd: EtcdServer) -> None:
+        self.container = container(docs)
+        self.grace_seconds = int(pod_spec(docs)["terminationGracePeriodSeconds"])
+        self.tmp_path = tmp_path
+        self.etcd = etcd
+        mounts = {m["name"]: m["mountPath"] for m in self.container["volumeMounts"]}
+        self.config_mount = mounts["config"]
+        # The ConfigMap volume: its keys become files under the mount path.
+        self.config_dir = tmp_path / "configmap"
+        self.config_dir.mkdir()
+        document = config_document(docs)
+        (self.config_dir / "config.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+        self.pods: list[Pod] = []
+
+    def _args(self) -> list[str]:
+        prefix = self.config_mount.rstrip("/") + "/"
+        local = str(self.config_dir) + "/"
+        command = [*self.container["command"], *self.container["args"]]
+        return [a.replace(prefix, local) if a.startswith(prefix) else a for a in command]
+
+    def _standins(self, pod: str) -> dict[str, str]:
+        run_dir = self.tmp_path / pod / "run"
+        return {
+            "ELASTICD_RUN_DIR": str(run_dir),
+            "ELASTICD_METRICS__BIND": "127.0.0.1",
+            "ELASTICD_METRICS__PORT": str(free_port()),
+            "ELASTICD_ETCD__ENDPOINTS": json.dumps([self.etcd.endpoint]),
+        }
+
+    def _env(self, pod: str) -> dict[str, str]:
+        """The container's env as the kubelet resolves it, on a minimal base environment."""
+        fields = {"metadata.name": pod, "metadata.namespace": "llm", "status.podIP": "127.0.0.1"}
+        env = {
+            # The image's PATH: the environment elasticd is installed in comes first.
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        for item in self.container["env"]:
+            if "fieldRef" in item.get("valueFrom", {}):
+                env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                env[item["name"]] = _expand(item["value"], env)
+        env.update(self._standins(pod))
+        return env
+
+    def start(self, ordinal: int) -> Pod:
+        name = f"{FULLNAME}-{ordinal}"
+        env = self._env(name)
+        args = [_expand(a, env) for a in self._args()]
+        log = self.tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                args,
+                cwd=self.tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        pod = Pod(name, proc, log)
+        self.pods.append(pod)
+        return pod
+
+    def terminate(self, pod: Pod) -> None:
+        """What the kubelet does on delete: SIGTERM to the container's main process."""
+        pod.proc.send_signal(signal.SIGTERM)
+
+    def steps(self) -> list[dict[str, Any]]:
+        rows = [r for p in self.pods for r in p.steps()]
+        return sorted(rows, key=lambda r: r["ts"])
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.pods)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args and env values (unknown names stay as written)."""
+    for name, value in env.items():
+        text = text.replace(f"$({name})", value)
+    return text
+
+
+@contextlib.contextmanager
+def _cluster(docs: list[dict[str, Any]], *, tmp_path: Path) -> Iterator[Cluster]:
+    etcd = EtcdServer(tmp_path / "etcd")
+    etcd.start()
+    cluster = Cluster(docs, tmp_path=tmp_path, etcd=etcd)
+    try:
+        yield cluster
+    finally:
+        for pod in cluster.pods:
+            pod.stop()
+        etcd.kill()
+
+
+def _wait_world_size(
+    cluster: Cluster, size: int, *, after: float, timeout_seconds: float, num_steps: int = 1
+) -> int:
+    """Wait for ``num_steps`` steps at ``world_size == size`` logged after ``after``; returns
+    the first of them."""
+    try:
+        rows = wait_for(
+            lambda: [r for r in cluster.steps() if r["world_size"] == size and r["ts"] > after][
+                num_steps - 1 :
+            ],
+            timeout_seconds=timeout_seconds,
+            what=f"{num_steps} step(s) at world size {size}",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.tails()}") from None
+    return int(rows[0]["step"])
+
+
+def _wait_exit(cluster: Cluster, pod: Pod, *, timeout_seconds: float) -> tuple[int, float]:
+    started = time.monotonic()
+    try:
+        code = pod.proc.wait(timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"{pod.name} still running {timeout_seconds:.0f} s after SIGTERM\n{cluster.tails()}"
+        ) from None
+    return code, time.monotonic() - started
+
+
+def test_rendered_pods_train_scale_up_and_drain_within_the_grace_period(
+    tmp_path: Path, demo_corpus: Path
+) -> None:
+    docs = render([_values(tmp_path, demo_corpus)])
+    # Findings that do not stop the scenario; asserted at the end so one run reports them all.
+    problems: list[str] = []
+    with _cluster(docs, tmp_path=tmp_path) as cluster:
+        assert cluster.grace_seconds == DRAIN_TIMEOUT_SECONDS + GRACE_MARGIN_SECONDS
+        started = time.time()
+        first = cluster.start(0)
+        cluster.start(1)
+        _wait_world_size(cluster, 2, after=started, timeout_seconds=START_TIMEOUT_SECONDS)
+
+        scaled_up = time.time()  # kubectl scale --replicas=3
+        third = cluster.start(2)
+        joined_at_step = _wait_world_size(
+            cluster, 3, after=scaled_up, timeout_seconds=REGROUP_TIMEOUT_SECONDS, num_steps=3
+        )
+        regroups = [r for r in first.events("regroup") if r["ts"] > scaled_up]
+        if len(regroups) != 1:
+            problems.append(f"one join made the group re-form {len(regroups)} times, not once")
+
+        scaled_down = time.time()  # kubectl scale --replicas=2: the highest ordinal goes
+        cluster.terminate(third)
+        code, drain_seconds = _wait_exit(cluster, third, timeout_seconds=cluster.grace_seconds)
+        assert code == 0, cluster.tails()
+        _wait_world_size(cluster, 2, after=scaled_down, timeout_seconds=REGROUP_TIMEOUT_SECONDS)
+
+        uninstalled = time.time()  # helm uninstall: every pod gets SIGTERM
+        survivors = cluster.pods[:2]
+        for pod in survivors:
+            cluster.terminate(pod)
+        final = [_wait_exit(cluster, p, timeout_seconds=cluster.grace_seconds) for p in survivors]
+        codes = [c for c, _ in final]
+        if codes != [0, 0]:
+            problems.append(f"exit codes {codes} after SIGTERM to every pod (uninstall)")
+
+    steps = cluster.steps()
+    numbers = sorted({int(r["step"]) for r in steps})
+    # No step lost across the regroups and the drains: every step from 1 on was trained.
+    assert numbers == list(range(1, numbers[-1] + 1))
+    assert numbers[-1] > joined_at_step
+    assert {r["world_size"] for r in steps} == {2, 3}
+    # The scaled-down pod left as drained (not killed), after the group committed a checkpoint.
+    assert third.events("round_end")[-1]["decision"] == "drained"
+    commits = [r for p in cluster.pods for r in p.events("checkpoint_commit")]
+    assert any(scaled_down < r["ts"] < scaled_down + drain_seconds for r in commits)
+    assert all(r["ts"] < uninstalled + cluster.grace_seconds for r in steps)
+    print(
+        f"drain of the scaled-down pod: {drain_seconds:.1f} s "
+        f"(grace period {cluster.grace_seconds} s); final drains "
+        f"{[round(s, 1) for _, s in final]} s; last step {numbers[-1]}"
+    )
+    assert problems == [], f"{problems}\n{cluster.tails()}"
