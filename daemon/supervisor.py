@@ -32,7 +32,13 @@ from daemon.http import StatusServer
 from daemon.lifecycle import State
 from daemon.metrics import NodeMetrics
 from daemon.policy import Decision, Kind, Observation, Reason, RestartBudget, decide
-from daemon.workers import RoundAssignment, WorkerGroup, read_error_file, worker_env
+from daemon.workers import (
+    RoundAssignment,
+    StandbyPool,
+    WorkerGroup,
+    read_error_file,
+    worker_env,
+)
 from elastic import jsonlog
 from elastic.channel import DaemonChannel
 
@@ -111,6 +117,10 @@ class Supervisor:
 
     def _run(self) -> int:
         self.config_path = write_resolved(self.config, self.document)
+        self.pool = StandbyPool(
+            config_path=self.config_path, base_env=self.environ, size=self.config.nproc_per_node
+        )
+        self.pool.fill()  # warm while etcd starts and the first round forms
         self._start_http()
         endpoints = self._etcd_endpoints()
         self.group = Group(self.config, node=self.node, endpoints=endpoints, metrics=self.metrics)
@@ -149,6 +159,8 @@ class Supervisor:
         return (self._etcd.endpoint,)
 
     def _shutdown(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
         if self.group is not None:
             self.group.close()
         if self._http is not None:
@@ -215,7 +227,7 @@ class Supervisor:
             master=f"{assignment.master_addr}:{assignment.master_port}",
         )
         workers = WorkerGroup(
-            config_path=self.config_path, envs=envs, node=self.node, on_line=self._on_worker_line
+            pool=self.pool, envs=envs, node=self.node, on_line=self._on_worker_line
         )
         self.log.info("workers_started", round=assignment.round_id, pids=workers.pids)
         return workers
@@ -233,7 +245,7 @@ class Supervisor:
         assert self.group is not None
         wd = self.config.watchdog
         progress = _Progress(time.time())
-        draining = regroup = False
+        draining = regroup = pool_filled = False
         while True:
             if self.terminate.is_set() and not draining:
                 draining = True
@@ -248,6 +260,9 @@ class Supervisor:
             now = time.time()
             beats = channel.heartbeats()
             progress.update(beats, now)
+            if progress.trained_a_step and not pool_filled:
+                self.pool.fill()  # training runs: warm the next round's workers now
+                pool_filled = True
             self.last_step = max(self.last_step, progress.step)
             self.metrics.set_progress(progress.step)
             self.group.set_status(self.status())
@@ -365,9 +380,14 @@ class _Progress:
     def __init__(self, now: float) -> None:
         self.last_change = now
         self.step = 0
+        self.start_step: int | None = None  # the step the workers resumed from
         self.slow_phase = True
         self.paused = False
         self._seen: dict[int, tuple[int, str]] = {}
+
+    @property
+    def trained_a_step(self) -> bool:
+        return self.start_step is not None and self.step > self.start_step
 
     def update(self, beats: Mapping[int, Any], now: float) -> None:
         if not beats:
@@ -380,6 +400,8 @@ class _Progress:
                 changed = True
         if changed:
             self.last_change = now
+        if self.start_step is None:
+            self.start_step = min(b.step for b in beats.values())
         phases = {b.phase for b in beats.values()}
         self.slow_phase = bool(phases & SLOW_PHASES) or all(b.step == 0 for b in beats.values())
         self.paused = phases == {"paused"}

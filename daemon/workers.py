@@ -122,13 +122,70 @@ def _is_config_env(name: str) -> bool:
     )
 
 
+class StandbyPool:
+    """Worker processes started ahead of the next round, with Python and torch imported.
+
+    ``import torch`` and the DCP/FSDP modules cost seconds per process; a restart that spawns
+    fresh workers pays it on the critical path. A standby process (``python -m model.train
+    --standby``) imports everything, then blocks on stdin until a round hands it its env. It
+    holds no distributed state, so it is as fresh as a new process.
+    """
+
+    def __init__(self, *, config_path: Path, base_env: Mapping[str, str], size: int) -> None:
+        self._args = [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--config",
+            str(config_path),
+            "--standby",
+        ]
+        self._env = {k: v for k, v in base_env.items() if not _is_config_env(k)}
+        self._env.setdefault("OMP_NUM_THREADS", "1")
+        self._env["PYTHONUNBUFFERED"] = "1"
+        self._size = size
+        self._ready: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self._args,
+            env=self._env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: we stop the whole tree
+            preexec_fn=_die_with_parent,
+        )
+
+    def fill(self) -> None:
+        """Top the pool up (called once a round is training, off the restart path)."""
+        self._ready = [p for p in self._ready if p.poll() is None]
+        while len(self._ready) < self._size:
+            self._ready.append(self.spawn())
+
+    def take(self) -> subprocess.Popen[bytes]:
+        """A warm process if one is alive, else a cold one (same protocol either way)."""
+        while self._ready:
+            proc = self._ready.pop(0)
+            if proc.poll() is None:
+                return proc
+        return self.spawn()
+
+    def close(self) -> None:
+        for proc in self._ready:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        self._ready = []
+
+
 class WorkerGroup:
     """``nproc_per_node`` worker processes of one round, their relays and their exit codes."""
 
     def __init__(
         self,
         *,
-        config_path: Path,
+        pool: StandbyPool,
         envs: list[dict[str, str]],
         node: str,
         out: TextIO = sys.stdout,
@@ -141,14 +198,11 @@ class WorkerGroup:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._relays: list[threading.Thread] = []
         for local_rank, env in enumerate(envs):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, "--config", str(config_path)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: we stop the whole tree
-                preexec_fn=_die_with_parent,
-            )
+            proc = pool.take()
+            assert proc.stdin is not None
+            # The round's env: the only thing a standby process waits for.
+            proc.stdin.write(json.dumps({"env": env}).encode() + b"\n")
+            proc.stdin.close()
             self._procs.append(proc)
             relay = threading.Thread(
                 target=self._relay, args=(local_rank, int(env["RANK"]), proc), daemon=True

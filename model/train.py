@@ -16,6 +16,7 @@ other non-zero for failures.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -529,7 +530,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train")
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="(daemon) wait on stdin for the round's env, imports done",
+    )
     args = parser.parse_args(argv)
+    if args.standby:
+        order = sys.stdin.readline()
+        if not order:
+            return EXIT_OK  # the daemon closed its pool
+        os.environ.update(json.loads(order)["env"])
     try:
         job = resolve(args.config, environ=os.environ, sets=args.sets)
     except ConfigError as exc:
