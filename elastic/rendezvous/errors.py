@@ -1,0 +1,58 @@
+"""Errors of ``elastic.rendezvous``: one root, subclasses of torch's rendezvous errors.
+
+Callers that only know torch (``DynamicRendezvousHandler``, torchrun's agent) catch
+``RendezvousConnectionError`` / ``RendezvousStateError``; the daemon reads ``temporary`` to
+decide between retrying and giving up. Messages name the etcd endpoint(s) and the cause.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousStateError,
+)
+
+
+class EtcdRendezvousError(RendezvousError):
+    """Root of every error raised by this package."""
+
+    temporary: ClassVar[bool] = False
+
+
+class EtcdConnectionError(EtcdRendezvousError, RendezvousConnectionError):
+    """etcd could not be reached or refused us; ``endpoint`` is what was tried."""
+
+    def __init__(self, message: str, *, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+class EtcdUnavailableError(EtcdConnectionError):
+    """No endpoint answered within the connect timeout; retrying later may succeed."""
+
+    temporary: ClassVar[bool] = True
+
+
+class EtcdTlsError(EtcdConnectionError):
+    """The TLS handshake failed (missing or untrusted certificate); retrying will not help."""
+
+
+class EtcdAuthError(EtcdConnectionError):
+    """etcd rejected the user/password or the request's permissions."""
+
+
+class EtcdLeaseNotFoundError(EtcdRendezvousError):
+    """The lease expired or was revoked; the owner grants a new one."""
+
+    temporary: ClassVar[bool] = True
+
+
+class EtcdRequestError(EtcdRendezvousError):
+    """etcd answered with an error that is neither connectivity nor auth (a bug or a limit)."""
+
+
+class EtcdStateError(EtcdRendezvousError, RendezvousStateError):
+    """A value read from etcd is corrupt (not the JSON or state bytes we wrote)."""

@@ -1,0 +1,170 @@
+"""``create_handler``: torch's ``DynamicRendezvousHandler`` over the etcd v3 backend and store.
+
+The algorithm (join, last call, keep-alive heartbeats, dead-node removal, min/max nodes) is
+torch's, unchanged. ``EtcdRendezvousHandler`` only changes which Store a round gets: a fresh
+``EtcdStore`` namespace per round instead of a prefix over one shared store, and rank 0 deletes
+the namespaces of earlier rounds once a round has formed, so nothing stale survives a round.
+
+The daemon calls ``next_rendezvous()`` once per round, ``num_nodes_waiting()`` to notice
+newcomers, and ``set_closed()`` / ``shutdown()`` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from torch.distributed import Store
+from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousStoreInfo
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    DynamicRendezvousHandler,
+    RendezvousTimeout,
+)
+
+from elastic import jsonlog
+from elastic.rendezvous.backend import EtcdRendezvousBackend
+from elastic.rendezvous.config import EtcdConfig
+from elastic.rendezvous.errors import EtcdRendezvousError
+from elastic.rendezvous.etcd_client import connect
+from elastic.rendezvous.keys import RunKeys
+from elastic.rendezvous.kv import KeyValueClient
+from elastic.rendezvous.leases import LeaseKeeper
+from elastic.rendezvous.store import EtcdStore
+
+log = jsonlog.get("elastic.rendezvous.handler")
+
+
+class EtcdRendezvousHandler(DynamicRendezvousHandler):
+    """``DynamicRendezvousHandler`` whose rounds get their own ``EtcdStore`` namespace."""
+
+    _kv: KeyValueClient
+    _keys: RunKeys
+    _lease: LeaseKeeper
+    _owns_client: bool
+
+    def _bind(
+        self, kv: KeyValueClient, *, keys: RunKeys, lease: LeaseKeeper, owns_client: bool
+    ) -> None:
+        self._kv, self._keys, self._lease, self._owns_client = kv, keys, lease, owns_client
+
+    @property
+    def round(self) -> int:
+        """The round this handler last synced (the one ``next_rendezvous`` joined)."""
+        return int(self._state_holder.state.round)
+
+    @property
+    def node_name(self) -> str:
+        """torch's descriptor of this participant: ``<addr>_<pid>_<local_id>``."""
+        return repr(self._this_node)
+
+    @property
+    def keys(self) -> RunKeys:
+        return self._keys
+
+    def _get_store(self) -> Store:
+        # Overrides torch's PrefixStore over one shared store: one etcd namespace per round.
+        store = EtcdStore(self._kv, prefix=self._keys.store(self.round), lease=self._lease)
+        self._refresh_bootstrap_info(store)
+        return store
+
+    def _refresh_bootstrap_info(self, store: EtcdStore) -> None:
+        """Make every round publish and read the agents' shared TCPStore address afresh.
+
+        torch (2.13) caches ``MASTER_ADDR``/``MASTER_PORT`` after a node's first round: rank 0
+        then never writes them into a later round's store, so a node joining that round waits
+        for them forever, and a non-zero rank keeps the address of a rank 0 that may be gone.
+        torch calls ``_get_store`` after ranks are assigned and before it reads the cache, so
+        here non-zero ranks drop the cache and rank 0 republishes what it serves.
+        """
+        if os.getenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") == "1":
+            return  # torch then builds fresh bootstrap info every round by itself
+        rank = self._state_holder.state.participants[self._this_node]
+        cached = getattr(self, "_bootstrap_store_info", None)
+        if rank != 0:
+            self._bootstrap_store_info = None
+        elif cached is not None and getattr(self, "_shared_tcp_store_server", None) is not None:
+            store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, cached.master_addr)
+            store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(cached.master_port))
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = super().next_rendezvous()
+        if info.rank == 0:
+            self._purge_earlier_rounds()
+        return info
+
+    def _purge_earlier_rounds(self) -> None:
+        try:
+            self._kv.delete_range(self._keys.store_root, self._keys.store(self.round))
+        # Not fatal: the next round's rank 0 purges again, and the lease expires them anyway.
+        except EtcdRendezvousError as exc:
+            log.warning("rdzv_store_purge_failed", round=self.round, error=str(exc))
+
+    def shutdown(self) -> bool:
+        try:
+            return bool(super().shutdown())
+        finally:
+            if self._owns_client:
+                self._kv.close()
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def create_handler(
+    etcd: EtcdConfig | KeyValueClient,
+    *,
+    run_id: str,
+    min_nodes: int,
+    max_nodes: int,
+    local_addr: str | None = None,
+    key_prefix: str | None = None,
+    state_ttl_seconds: float | None = None,
+    join_timeout_seconds: float = 600.0,
+    last_call_timeout_seconds: float = 30.0,
+    close_timeout_seconds: float = 30.0,
+    heartbeat_timeout_seconds: float = 5.0,
+    keep_alive_interval_seconds: float = 5.0,
+    keep_alive_max_attempt: int = 3,
+) -> EtcdRendezvousHandler:
+    """A rendezvous handler for ``run_id`` on etcd.
+
+    ``etcd`` is either an ``EtcdConfig`` (a client is connected now and closed by
+    ``shutdown()``) or a shared ``KeyValueClient`` the caller keeps owning. ``key_prefix`` and
+    ``state_ttl_seconds`` default to the config's (a client from ``connect`` carries its config).
+    ``local_addr`` is the address other nodes reach this one at (default: the FQDN).
+    """
+    kv: KeyValueClient
+    if isinstance(etcd, EtcdConfig):
+        config, kv, owns = etcd, connect(etcd), True
+    else:
+        config, kv, owns = getattr(etcd, "config", None) or EtcdConfig(), etcd, False
+    try:
+        keys = RunKeys(key_prefix or config.key_prefix, run_id)
+        ttl = state_ttl_seconds if state_ttl_seconds is not None else config.state_ttl_seconds
+        lease = LeaseKeeper(kv, ttl_seconds=max(1, round(ttl)))
+        backend = EtcdRendezvousBackend(kv, keys=keys, lease=lease)
+        timeout = RendezvousTimeout(
+            join=_seconds(join_timeout_seconds),
+            last_call=_seconds(last_call_timeout_seconds),
+            close=_seconds(close_timeout_seconds),
+            heartbeat=_seconds(heartbeat_timeout_seconds),
+        )
+        handler = EtcdRendezvousHandler.from_backend(
+            run_id,
+            EtcdStore(kv, prefix=keys.store_root, lease=lease),
+            backend,
+            min_nodes,
+            max_nodes,
+            local_addr,
+            timeout,
+            keep_alive_interval=keep_alive_interval_seconds,  # type: ignore[arg-type]  # seconds
+            keep_alive_max_attempt=keep_alive_max_attempt,
+        )
+    except BaseException:
+        if owns:
+            kv.close()
+        raise
+    assert isinstance(handler, EtcdRendezvousHandler)
+    handler._bind(kv, keys=keys, lease=lease, owns_client=owns)
+    return handler

@@ -1,0 +1,135 @@
+"""NodeLease and NodeWatch: unit behaviour on the in-memory KV, outages on a real etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from elastic.rendezvous import InMemoryEtcd, NodeEvent, NodeLease, NodeWatch, connect
+from tests.elastic.rendezvous.conftest import etcd_config
+from tests.support.etcd import EtcdFactory
+
+WAIT_SECONDS = 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def next_event(watch: NodeWatch) -> NodeEvent:
+    event = watch.get(WAIT_SECONDS)
+    assert event is not None, "no node event within the wait"
+    return event
+
+
+def test_register_publishes_info_and_revoke_removes_it(run_id: str) -> None:
+    kv = InMemoryEtcd().client()
+    lease = NodeLease(kv, run_id=run_id, ttl_seconds=5)
+    lease.register("node-a", {"addr": "10.0.0.1", "gpus": 8})
+    stored = kv.get(lease.key)
+    assert stored is not None and stored.lease_id == lease.lease_id
+    assert stored.value == b'{"addr":"10.0.0.1","gpus":8}'
+    lease.update({"addr": "10.0.0.1", "gpus": 4})
+    assert kv.get(lease.key) is not None
+    lease.revoke()
+    assert kv.get(lease.key) is None
+
+
+def test_an_expired_lease_is_recreated_and_reported(run_id: str) -> None:
+    memory = InMemoryEtcd()
+    kv = memory.client()
+    expired = threading.Event()
+    lease = NodeLease(kv, run_id=run_id, ttl_seconds=1, on_expired=expired.set)
+    lease.register("node-a", {"addr": "a"})
+    first_lease = lease.lease_id
+    memory.revoke_all_leases()  # etcd dropped it, e.g. after a partition longer than the TTL
+    assert kv.get(lease.key) is None
+    try:
+        assert expired.wait(WAIT_SECONDS)
+        stored = kv.get(lease.key)
+        assert stored is not None and stored.lease_id not in (0, first_lease)
+        assert lease.expired_count == 1
+    finally:
+        lease.revoke()
+
+
+def test_watch_reports_joins_and_leaves_after_the_initial_listing(run_id: str) -> None:
+    kv = InMemoryEtcd().client()
+    present = NodeLease(kv, run_id=run_id, ttl_seconds=5)
+    present.register("node-a", {"addr": "a"})
+    watch = NodeWatch(kv, run_id=run_id).start()
+    try:
+        assert watch.list_nodes() == {"node-a": {"addr": "a"}}
+        newcomer = NodeLease(kv, run_id=run_id, ttl_seconds=5)
+        newcomer.register("node-b", {"addr": "b"})
+        assert next_event(watch) == NodeEvent("joined", "node-b", {"addr": "b"})
+        present.revoke()
+        assert next_event(watch) == NodeEvent("left", "node-a", {"addr": "a"})
+        assert watch.list_nodes() == {"node-b": {"addr": "b"}}
+        newcomer.revoke()
+    finally:
+        watch.close()
+
+
+def test_watch_reports_what_changed_while_etcd_was_unreachable(run_id: str) -> None:
+    clock = FakeClock()
+    memory = InMemoryEtcd(clock=clock)
+    kv = memory.client()
+    for node_id in ("node-a", "node-b"):
+        lease_id = kv.grant_lease(5 if node_id == "node-a" else 60)
+        kv.put(f"/elasticd/{run_id}/nodes/{node_id}", b"{}", lease_id=lease_id)
+    events: list[NodeEvent] = []
+    got_event = threading.Event()
+
+    def on_event(event: NodeEvent) -> None:
+        events.append(event)
+        got_event.set()
+
+    watch = NodeWatch(kv, run_id=run_id, on_event=on_event, retry_seconds=0.01).start()
+    try:
+        memory.disconnect()
+        clock.now += 10  # node-a's lease runs out while nobody can see it
+        memory.expire_leases()
+        memory.reconnect()
+        assert got_event.wait(WAIT_SECONDS)
+        assert events == [NodeEvent("left", "node-a", {})]
+        assert watch.resyncs >= 1
+        assert set(watch.list_nodes()) == {"node-b"}
+    finally:
+        watch.close()
+
+
+def test_lease_and_watch_carry_on_across_an_etcd_restart(
+    etcd_factory: EtcdFactory, run_id: str
+) -> None:
+    server = etcd_factory()
+    config = etcd_config(server, connect_timeout_seconds=1.0, request_timeout_seconds=1.0)
+    owner, observer = connect(config), connect(config)
+    lease = NodeLease(owner, run_id=run_id, ttl_seconds=5, retry_seconds=0.1)
+    watch = NodeWatch(observer, run_id=run_id, retry_seconds=0.1)
+    try:
+        lease.register("node-a", {"addr": "a"})
+        watch.start()
+        server.restart()
+        late = NodeLease(owner, run_id=run_id, ttl_seconds=5)
+        late.register("node-b", {"addr": "b"})
+        # The joined event crosses the restart: the watch re-listed and watches again.
+        assert next_event(watch) == NodeEvent("joined", "node-b", {"addr": "b"})
+        deadline = time.monotonic() + WAIT_SECONDS
+        while watch.resyncs < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watch.resyncs >= 1
+        # The lease survived (etcd persists leases) and its keep-alive reconnected.
+        assert lease.expired_count == 0
+        assert observer.get(lease.key) is not None
+        late.revoke()
+        assert next_event(watch) == NodeEvent("left", "node-b", {"addr": "b"})
+    finally:
+        watch.close()
+        lease.revoke()
+        owner.close()
+        observer.close()
