@@ -63,7 +63,7 @@ def test_elasticctl_reads_and_steers_a_running_group(
         ckpts = ctl(ep, run, "checkpoints", "--verify", "--json")
         assert ckpts.returncode == 0, ckpts.stderr
         listed = json.loads(ckpts.stdout)
-        assert listed and all(c["problems"] == "" for c in listed)
+        assert listed and all(c["problems"] == [] for c in listed)
         assert any(c["known_good"] for c in listed)
         target = max(c["step"] for c in listed if c["known_good"])
 
