@@ -69,10 +69,6 @@ def decide(obs: Observation) -> Decision:
         return Decision(Kind.DIVERGED, detail="the divergence guard spent its rewind budget")
     if failed:
         return Decision(Kind.RESTART, Reason.CRASH, detail=f"worker exit codes {codes}")
-    if obs.node_lost:
-        return Decision(Kind.RESTART, Reason.NODE_LOST, detail="a member's lease expired")
-    if obs.peer_failed:
-        return Decision(Kind.RESTART, Reason.CRASH, detail="workers failed on another node")
     if codes and all(c in CLEAN for c in codes):
         if all(c == EXIT_OK for c in codes):
             return Decision(Kind.DONE)
@@ -81,6 +77,11 @@ def decide(obs: Observation) -> Decision:
         return Decision(Kind.REGROUP, Reason.SCALE, detail="the group drained for a new round")
     if any(c in CLEAN for c in codes):
         return Decision(Kind.CONTINUE)  # the others are finishing the same step
+    # Only now peers: nodes that finished or drained leave too, and that is no failure of ours.
+    if obs.node_lost:
+        return Decision(Kind.RESTART, Reason.NODE_LOST, detail="a member's lease expired")
+    if obs.peer_failed:
+        return Decision(Kind.RESTART, Reason.CRASH, detail="workers failed on another node")
     silent_seconds = obs.now_unix - obs.last_progress_unix
     if silent_seconds > obs.hang_timeout_seconds:
         return Decision(

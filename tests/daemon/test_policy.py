@@ -76,3 +76,8 @@ def test_a_draining_node_may_only_stop() -> None:
     assert next_state(State.DRAINING, State.STOPPED) is State.STOPPED
     with pytest.raises(TransitionError):
         next_state(State.DRAINING, State.JOINING)
+
+
+def test_finishing_wins_over_a_peer_that_finished_first_and_left() -> None:
+    assert decide(obs([0, 0], node_lost=True)).kind is Kind.DONE
+    assert decide(obs([0, None], node_lost=True, now_unix=105.0)).kind is Kind.CONTINUE

@@ -40,7 +40,7 @@ def test_a_third_node_joins_at_a_step_boundary_without_a_gap_or_a_repeat(
         endpoint=etcd_server.endpoint,
         run_id="grow",
         nodes={"min": 2, "max": 3},
-        train={"steps": 60},
+        train={"steps": 200},
     )
     with daemons() as group:
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b")]
@@ -54,10 +54,10 @@ def test_a_third_node_joins_at_a_step_boundary_without_a_gap_or_a_repeat(
         for d in group:
             assert d.wait(timeout_seconds=300) == 0
     rows = merged_steps(*group)
-    assert completed_once(rows) == list(range(1, 61))
+    assert completed_once(rows) == list(range(1, 201))
     sizes = [r["world_size"] for r in rows]
     assert sizes[0] == 2 and sizes[-1] == 3
-    expected = reference_sample_ids(demo_corpus, range(1, 61))
+    expected = reference_sample_ids(demo_corpus, range(1, 201))
     assert {r["step"]: r["sample_ids"] for r in rows} == expected
     assert all(r["reason"] == "scale" for d in group for r in d.events("restart"))
 
@@ -71,7 +71,7 @@ def test_sigterm_drains_one_node_and_the_others_continue_without_losing_a_step(
         endpoint=etcd_server.endpoint,
         run_id="drain",
         nodes={"min": 1, "max": 3},
-        train={"steps": 60},
+        train={"steps": 200},
     )
     with daemons() as group:
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b", "c")]
@@ -90,7 +90,7 @@ def test_sigterm_drains_one_node_and_the_others_continue_without_losing_a_step(
         for d in stayers:
             assert d.wait(timeout_seconds=300) == 0
     rows = merged_steps(*group)
-    assert completed_once(rows) == list(range(1, 61))
+    assert completed_once(rows) == list(range(1, 201))
     assert rows[-1]["world_size"] == 2
     commits = [r["step"] for d in group for r in d.events("checkpoint_commit")]
     drain_step = (
