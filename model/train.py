@@ -196,7 +196,8 @@ class Trainer:
                 grad_norm if main else 0.0,  # rank 0's value: identical bits on every rank
                 float(c.drain),
                 float(c.pause),
-                float(c.rewind_to if (main and c.rewind_to is not None) else -1.0),
+                # rank 0's rewind request, as step + 1 (0: none); other ranks add 0.
+                float(c.rewind_to + 1 if (main and c.rewind_to is not None) else 0),
             ],
             self.info.device,
         )
@@ -207,7 +208,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             self.optimizer.step()
-        rewind_to = int(sums[5]) if sums[5] >= 0 else None
+        rewind_to = int(sums[5]) - 1 if sums[5] > 0 else None
         return StepResult(
             step,
             loss,

@@ -143,26 +143,32 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     if not url:
         raise ValueError("--url: not given and the run status has no checkpoint_url")
     manager = CheckpointManager(CheckpointConfig(url=url), run_id=args.run_id, rank=0, world_size=1)
-    rows: list[tuple[Any, ...]] = []
-    bad = 0
-    for manifest in manager.list():
-        problems = manager.verify(manifest) if args.verify else []
-        bad += bool(problems)
-        rows.append(
+    listed = [(m, manager.verify(m) if args.verify else []) for m in manager.list()]
+    if args.json:
+        print(json.dumps([_checkpoint_json(m, problems) for m, problems in listed], indent=2))
+    else:
+        rows = [
             (
-                manifest.step,
-                manifest.world_size,
-                manifest.known_good,
-                manifest.size_bytes,
+                m.step,
+                m.world_size,
+                m.known_good,
+                m.size_bytes,
                 "; ".join(problems) or ("ok" if args.verify else ""),
             )
-        )
-    if args.json:
-        keys = ("step", "world_size", "known_good", "size_bytes", "problems")
-        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
-    else:
+            for m, problems in listed
+        ]
         print(_table(["step", "world_size", "known_good", "size_bytes", "verify"], rows))
-    return EXIT_FAILED if bad else EXIT_OK
+    return EXIT_FAILED if any(problems for _, problems in listed) else EXIT_OK
+
+
+def _checkpoint_json(manifest: Any, problems: list[str]) -> dict[str, Any]:
+    return {
+        "step": manifest.step,
+        "world_size": manifest.world_size,
+        "known_good": manifest.known_good,
+        "size_bytes": manifest.size_bytes,
+        "problems": problems,
+    }
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
