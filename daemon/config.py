@@ -21,13 +21,11 @@ from typing import Any
 import yaml
 
 from elastic.checkpoint.config import CheckpointConfig
-from elastic.config import ConfigError, build, check, layered, to_dict
-from elastic.faults import FaultConfig
+from elastic.config import ConfigError, build, check, check_name, layered, to_dict
+from elastic.faults import ALLOW_FAULTS_ENV, FaultConfig, require_permission
 from elastic.guard import validate_retention
 from elastic.guard.config import GuardConfig, RewindConfig
 from elastic.rendezvous import EtcdConfig
-
-ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
 
 
 @dataclass(frozen=True)
@@ -116,12 +114,7 @@ class DaemonConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(
-            bool(self.run_id) and all(c.isalnum() or c in "._-" for c in self.run_id),
-            "run_id",
-            self.run_id,
-            "letters, digits, . _ - only",
-        )
+        check_name("run_id", self.run_id)
         check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
 
 
@@ -131,11 +124,7 @@ def resolve(
     """Validated config plus the merged document (for the workers), or ConfigError."""
     document = layered(path, environ=environ, sets=sets)
     config = build(DaemonConfig, document)
-    if config.faults and environ.get(ALLOW_FAULTS_ENV) != "1":
-        raise ConfigError(
-            f"faults={len(config.faults)} entries: fault injection is refused unless "
-            f"{ALLOW_FAULTS_ENV}=1"
-        )
+    require_permission(config.faults, environ)
     try:
         validate_retention(
             interval_steps=config.checkpoint.interval_steps,

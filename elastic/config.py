@@ -47,6 +47,12 @@ def check(condition: bool, key: str, value: object, requirement: str) -> None:
         raise ValueError(f"{key}={value!r}: {requirement}")
 
 
+def check_name(key: str, value: str) -> None:
+    """Run ids and similar names: letters, digits, ``.``, ``_``, ``-`` (they become paths)."""
+    ok = bool(value) and all(c.isalnum() or c in "._-" for c in value)
+    check(ok, key, value, "letters, digits, . _ - only")
+
+
 def yaml_key(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("key", f.name))
 

@@ -21,11 +21,13 @@ omitted fire on global rank 0 (``kill``, ``hang``, ``poison_batch``, ``nan``) or
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from elastic.config import check
+from elastic.config import ConfigError, check
+
+ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
 
 FaultKind = Literal["kill", "hang", "crash_on_start", "nan", "poison_batch", "lr_spike"]
 EVERY_RANK_KINDS = frozenset({"lr_spike", "crash_on_start"})
@@ -54,6 +56,14 @@ class FaultConfig:
         if self.rank is not None:
             return self.rank == rank
         return self.kind in EVERY_RANK_KINDS or rank == 0
+
+
+def require_permission(faults: Sequence[FaultConfig], environ: Mapping[str, str]) -> None:
+    """Fault injection is for tests and drills: refused unless ELASTICD_ALLOW_FAULTS=1."""
+    if faults and environ.get(ALLOW_FAULTS_ENV) != "1":
+        raise ConfigError(
+            f"faults={len(faults)} entries: fault injection is refused unless {ALLOW_FAULTS_ENV}=1"
+        )
 
 
 class FiringRecord(Protocol):

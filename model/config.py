@@ -19,13 +19,11 @@ from typing import Any
 import yaml
 
 from elastic.checkpoint.config import CheckpointConfig
-from elastic.config import ConfigError, build, check, layered, to_dict
-from elastic.faults import FaultConfig
+from elastic.config import ConfigError, build, check, check_name, layered, to_dict
+from elastic.faults import FaultConfig, require_permission
 from elastic.guard.config import GuardConfig, RewindConfig
 from model.data_config import DataConfig
 from model.gpt import GPTConfig
-
-ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
 
 
 @dataclass(frozen=True)
@@ -84,13 +82,9 @@ class JobConfig:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(_is_run_id(self.run_id), "run_id", self.run_id, "letters, digits, . _ - only")
+        check_name("run_id", self.run_id)
         check(bool(self.run_dir), "run_dir", self.run_dir, "must not be empty")
         check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
-
-
-def _is_run_id(text: str) -> bool:
-    return bool(text) and all(c.isalnum() or c in "._-" for c in text)
 
 
 def resolve(
@@ -101,11 +95,7 @@ def resolve(
 ) -> JobConfig:
     """defaults < YAML < env < --set, validated; faults need ``ELASTICD_ALLOW_FAULTS=1``."""
     job = build(JobConfig, layered(path, environ=environ, sets=sets))
-    if job.faults and environ.get(ALLOW_FAULTS_ENV) != "1":
-        raise ConfigError(
-            f"faults={len(job.faults)} entries: fault injection is refused unless "
-            f"{ALLOW_FAULTS_ENV}=1"
-        )
+    require_permission(job.faults, environ)
     return job
 
 

@@ -322,27 +322,19 @@ class Trainer:
         self.spikes = [w for w in self.spikes if w.start_step <= plan.to_step]
         self._load(step=plan.to_step, keep_ledger=True)
         self.committed = {s: g for s, g in self.committed.items() if s <= plan.to_step}
-        self.ledger.record(
-            "rewind",
-            step=plan.trigger_step,
-            to_step=plan.to_step,
-            onset_step=plan.onset_step,
-            data_action=plan.data_action,
-            window=list(window),
-            reasons=list(plan.reasons),
-        )
+        details = {
+            "to_step": plan.to_step,
+            "onset_step": plan.onset_step,
+            "trigger_step": plan.trigger_step,
+            "data_action": plan.data_action,
+            "window": list(window),
+            "lr_multiplier": plan.lr_multiplier,
+            "reasons": list(plan.reasons),
+        }
+        self.ledger.record("rewind", step=plan.trigger_step, **details)
         self.ledger.at_step = plan.to_step
         self._write_ledger()
-        self._log_event(
-            "rewind",
-            to_step=plan.to_step,
-            onset_step=plan.onset_step,
-            trigger_step=plan.trigger_step,
-            data_action=plan.data_action,
-            window=list(window),
-            lr_multiplier=plan.lr_multiplier,
-            reasons=list(plan.reasons),
-        )
+        self._log_event("rewind", **details)
 
     def _manual_rewind(self, to_step: int, *, trigger_step: int) -> None:
         if to_step not in self.committed:
