@@ -12,6 +12,11 @@ scrapes ``targets`` (``host:port``, job ``elasticd``) and loads ``rule_files``, 
 Queries go through the HTTP API with urllib; a PromQL error raises :class:`PrometheusQueryError`
 with Prometheus' message. The server's log is kept in its work directory for failure messages.
 
+:class:`ExpressionWatch` polls one expression in a thread (every 0.2 s by default) and keeps each
+answer with Prometheus' evaluation time, so a test can ask afterwards when a series first
+appeared (``watch.first_seen(kind="nan", after_unix_seconds=t)``) without having to be polling
+at the moment the event happened.
+
 Also here, for tests that need something to scrape without a daemon: :func:`catalog_registry`
 (every metric of ``daemon/metrics.yaml`` in a fresh prometheus_client registry, closed label values
 created at 0) and :class:`MetricsEndpoint` (a prometheus_client HTTP server on a free loopback
@@ -20,12 +25,14 @@ port).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -271,6 +278,104 @@ class PrometheusServer:
 
     def active_targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets")["activeTargets"])
+
+    def watch(self, expr: str, *, poll_seconds: float = 0.2) -> ExpressionWatch:
+        """Start polling ``expr`` in a background thread (see :class:`ExpressionWatch`)."""
+        return ExpressionWatch(self, expr, poll_seconds=poll_seconds).start()
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One poll of an :class:`ExpressionWatch`: evaluation time and the series' label sets."""
+
+    eval_unix_seconds: float
+    series: tuple[dict[str, str], ...]
+
+
+class ExpressionWatch:
+    """Polls one instant query every ``poll_seconds`` until :meth:`stop`; keeps every answer.
+
+    The time of an answer is Prometheus' own evaluation time (the timestamp of the returned
+    samples; for an empty answer the midpoint of the request), the moment at which a rule
+    evaluated with that expression would have seen the same thing.
+    """
+
+    def __init__(self, server: PrometheusServer, expr: str, *, poll_seconds: float = 0.2) -> None:
+        self.server = server
+        self.expr = expr
+        self.poll_seconds = poll_seconds
+        self.errors: list[str] = []
+        self._answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prometheus-watch", daemon=True)
+
+    def __enter__(self) -> ExpressionWatch:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> ExpressionWatch:
+        """Start polling (a no-op when already started)."""
+        if self._thread.ident is None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            sent = time.time()
+            try:
+                result = self.server.query(self.expr)
+            except PrometheusError as exc:
+                # A failed poll is a gap in the record, kept for the test to report.
+                self.errors.append(str(exc))
+            else:
+                midpoint = (sent + time.time()) / 2
+                evaluated = float(result[0]["value"][0]) if result else midpoint
+                answer = Answer(evaluated, tuple(dict(s["metric"]) for s in result))
+                with self._lock:
+                    self._answers.append(answer)
+            self._stop.wait(self.poll_seconds)
+
+    def answers(self) -> list[Answer]:
+        with self._lock:
+            return list(self._answers)
+
+    def first_seen(self, *, after_unix_seconds: float = 0.0, **labels: str) -> float | None:
+        """Evaluation time of the first answer after a time holding a series with ``labels``."""
+        for answer in self.answers():
+            if answer.eval_unix_seconds >= after_unix_seconds and _holds(answer, labels):
+                return answer.eval_unix_seconds
+        return None
+
+    def last_answer_before(self, unix_seconds: float) -> Answer | None:
+        """The newest answer evaluated before ``unix_seconds`` (``None`` when there is none)."""
+        earlier = [a for a in self.answers() if a.eval_unix_seconds < unix_seconds]
+        return earlier[-1] if earlier else None
+
+    def wait_seen(
+        self, *, timeout_seconds: float, after_unix_seconds: float = 0.0, **labels: str
+    ) -> float:
+        """Block until :meth:`first_seen` has an answer; raise after ``timeout_seconds``."""
+        deadline = time.monotonic() + timeout_seconds
+        while (seen := self.first_seen(after_unix_seconds=after_unix_seconds, **labels)) is None:
+            if time.monotonic() >= deadline:
+                raise PrometheusError(
+                    f"{self.expr!r} showed no series with {labels} within {timeout_seconds}s"
+                    f" (poll errors: {self.errors[-3:]})"
+                )
+            time.sleep(self.poll_seconds / 2)
+        return seen
+
+
+def _holds(answer: Answer, labels: dict[str, str]) -> bool:
+    return any(all(s.get(k) == v for k, v in labels.items()) for s in answer.series)
 
 
 # --- something to scrape -------------------------------------------------------------------
