@@ -45,6 +45,9 @@ from elastic.rendezvous import (
 from elastic.rendezvous.aborts import RoundAborts
 
 POLL_SECONDS = 0.5
+# A node whose last published state is one of these left on purpose (finished, or drained with
+# the group's checkpoint): its departure breaks no running round.
+GRACEFUL_EXIT_STATES = frozenset({"stopped", "draining"})
 STATUS_EVERY_POLLS = 4  # status (last step...) refreshed in etcd every 2 s
 # torch's handler otherwise creates one TCPStore in the daemon on the first round and hands it
 # to every later round: stale keys from a crashed round then break the next one's gloo mesh (the
@@ -270,9 +273,10 @@ class Group:
     # ----------------------------------------------------------------- background
     def _on_node_event(self, event: NodeEvent) -> None:
         with self._lock:
+            graceful = event.info.get("state") in GRACEFUL_EXIT_STATES
             if event.kind == "left":
                 last_round = self._members.pop(event.node_id, None)
-                if last_round is not None and last_round == self._round:
+                if last_round is not None and last_round == self._round and not graceful:
                     self.flags.lost_rounds.add(last_round)
         self.log.info("node_" + event.kind, other=event.node_id)
 

@@ -195,7 +195,10 @@ class Supervisor:
         return assignment
 
     def _run_round(self, assignment: RoundAssignment) -> int | None:
-        worker_dir = Path(self.config.run_dir) / "workers" / f"round-{assignment.round_id}"
+        # Per node too: run_dir may be on a shared file system (and is, in tests).
+        worker_dir = (
+            Path(self.config.run_dir) / "workers" / self.node / f"round-{assignment.round_id}"
+        )
         channel = DaemonChannel(worker_dir)
         workers = self._start_workers(assignment, worker_dir)
         self.transition(
