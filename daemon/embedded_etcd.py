@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from daemon.workers import die_with_parent
+
 
 class EmbeddedEtcdError(RuntimeError):
     """The embedded etcd could not be started."""
@@ -81,6 +83,7 @@ class EmbeddedEtcd:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # a SIGKILLed daemon must not leave its etcd behind
         )
         log.close()
         self._wait_ready()

@@ -97,7 +97,7 @@ def worker_env(
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the daemon dies, however it dies.
 
     A daemon killed by SIGKILL (OOM killer, node failure drill) must not leave workers behind
@@ -154,7 +154,7 @@ class StandbyPool:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we stop the whole tree
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def fill(self) -> None:
