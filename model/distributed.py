@@ -54,17 +54,16 @@ def init(environ: Mapping[str, str], *, device_preference: str = "auto") -> Dist
 
 
 def shutdown(*, clean: bool) -> None:
-    """Leave the group after a clean finish: every rank meets at a barrier first (rank 0 hosts
-    the store, and a peer still tearing down when it exits aborts in gloo's destructor).
+    """Leave the group. After a clean finish every rank meets at a barrier, so no rank exits
+    while a peer still needs it (rank 0 hosts the store). The group is not destroyed: gloo's
+    teardown races with peers that exit at the same moment (aborts and segfaults seen here),
+    and the process exits right after (``model.train`` ends with ``os._exit``).
 
-    After a failure, do nothing: the group is broken, tearing it down can block for seconds on
-    dead peers, and the daemon is waiting for this process to exit to restart the round.
+    After a failure, do nothing: the group is broken, and the daemon is waiting for this
+    process to exit to restart the round.
     """
-    if not clean or not dist.is_initialized():
-        return
-    if dist.get_world_size() > 1:
+    if clean and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-    dist.destroy_process_group()
 
 
 def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, *, bf16: bool) -> None:
