@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from elastic.rendezvous import EtcdRendezvousBackend, RunKeys
+from elastic.rendezvous.backend import ConflictBackoff
 from elastic.rendezvous.kv import DeleteRange, KeyValueClient, Op, Put, WatchEvent
 from elastic.rendezvous.leases import LeaseKeeper
 from tests.elastic.rendezvous.conftest import KvFactory
@@ -161,6 +162,47 @@ def test_set_state_treats_a_foreign_token_as_stale(
     created = backend.set_state(b"v1")
     assert created is not None
     assert backend.set_state(b"v2", token) == (b"v1", created[1], False)
+
+
+def test_conflict_backoff_window_doubles_per_loss_up_to_the_cap_and_resets_on_a_win() -> None:
+    waits: list[float] = []
+    backoff = ConflictBackoff(
+        base_seconds=0.01, cap_seconds=0.05, sleep=waits.append, uniform=lambda lo, hi: hi
+    )
+    for _ in range(5):
+        backoff.lost()
+    backoff.won()
+    backoff.lost()
+    assert waits == pytest.approx([0.01, 0.02, 0.04, 0.05, 0.05, 0.01])
+
+
+def test_a_lost_compare_and_set_waits_then_returns_the_state_as_of_after_the_wait(
+    kv_factory: KvFactory, run_id: str
+) -> None:
+    writer = backend_for(kv_factory(), run_id)
+    created = writer.set_state(b"v1")
+    assert created is not None and writer.set_state(b"v2", created[1]) is not None
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # another node writes while this one backs off
+        waits.append(seconds)
+        current = writer.get_state()
+        assert current is not None and writer.set_state(b"v3", current[1]) is not None
+
+    kv = kv_factory()
+    loser = EtcdRendezvousBackend(
+        kv,
+        keys=RunKeys("/test", run_id),
+        lease=LeaseKeeper(kv, ttl_seconds=60),
+        backoff=ConflictBackoff(sleep=sleep),
+    )
+    result = loser.set_state(b"mine", created[1])
+    assert result is not None and len(waits) == 1
+    assert result == (b"v3", writer.get_state()[1], False)  # type: ignore[index]
+    current = loser.get_state()
+    assert current is not None
+    assert loser.set_state(b"mine", current[1]) == (b"mine", loser.get_state()[1], True)  # type: ignore[index]
+    assert len(waits) == 1  # a win does not wait
 
 
 def test_concurrent_compare_and_set_has_exactly_one_winner_per_revision(
