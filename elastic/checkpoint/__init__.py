@@ -5,8 +5,8 @@ directory without a manifest is not a checkpoint. See ``docs/checkpoints.md``.
 
 Modules: ``config`` (the YAML section), ``storage`` (the only fsspec importer), ``manifest``
 (commit record), ``retention`` (pure deletion policy), ``collective`` (rank-0-decides
-broadcasts), ``manager`` (save/load/retire), ``app_state`` (model + optimizer state helpers),
-``errors``.
+broadcasts), ``manager`` (save/load/retire), ``staging`` (async-save CPU copies, reused),
+``app_state`` (model + optimizer state helpers), ``errors``.
 """
 
 from elastic.checkpoint.app_state import app_state, restore_app_state
@@ -16,6 +16,7 @@ from elastic.checkpoint.errors import (
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    StagedStateChanged,
     StorageError,
     TemporaryStorageError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFound",
     "Manifest",
+    "StagedStateChanged",
     "Storage",
     "StorageError",
     "TemporaryStorageError",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from elastic.checkpoint.errors import CheckpointError
@@ -70,6 +71,16 @@ class RankGroup:
             return rest[0]  # type: ignore[no-any-return]
         shared_exc, message = rest
         raise shared_exc if shared_exc is not None else CheckpointError(message)
+
+    def any_rank(self, flag: bool, *, group: Any = None) -> bool:
+        """True on every rank when ``flag`` is true on at least one (a CPU all-reduce)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(
+            value, op=dist.ReduceOp.MAX, group=self.process_group if group is None else group
+        )
+        return bool(value.item())
 
     def side_group(self) -> Any:
         """A dedicated gloo group for background saves (created once, collectively).

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointExists",
     "CheckpointNotFound",
+    "StagedStateChanged",
     "StorageError",
     "TemporaryStorageError",
     "is_temporary",
@@ -40,6 +41,10 @@ class CheckpointCorrupt(CheckpointError):
 
 class CheckpointExists(CheckpointError):
     """A committed checkpoint already holds this step; committed checkpoints are never rewritten."""
+
+
+class StagedStateChanged(CheckpointError):
+    """The caller changed the state while an async save was still copying it (not committed)."""
 
 
 class StorageError(CheckpointError):

@@ -12,10 +12,14 @@ broadcasts the decision, errors included, so ranks never disagree or wait on eac
 ``mark_known_good`` and ``retire_after`` act on rank 0 only and are no-ops elsewhere, so the
 trainer may call them on every rank.
 
-Async saves: ``dcp.async_save`` copies the state to CPU memory before returning (the
-FsspecWriter stager is blocking), so the trainer may step on. The upload and the manifest commit
-run in the background over a dedicated gloo group; the next ``save``, ``load``, ``wait`` or
-``close`` first completes the pending save and raises its error, if any.
+Async saves: ``dcp.async_save`` stages the state (a CPU copy, into buffers reused from save to
+save: see ``staging.py``), then the upload and the manifest commit run in the background over a
+dedicated gloo group; the next ``save``, ``load``, ``wait`` or ``close`` first completes the
+pending save and raises its error, if any. By default ``save`` returns once the copy is made.
+With ``background_staging=True`` it returns before the copy; the caller overlaps it with work
+that does not write the state (forward, backward) and calls ``wait_staged()`` before the next
+in-place update (``optimizer.step()``). A save whose tensors changed during the copy is never
+committed (:class:`StagedStateChanged`, on every rank).
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from elastic.checkpoint.errors import (
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    StagedStateChanged,
     StorageError,
     TemporaryStorageError,
     is_temporary,
 )
 from elastic.checkpoint.manifest import Manifest
 from elastic.checkpoint.retention import plan_retention
+from elastic.checkpoint.staging import ReusingStager
 from elastic.checkpoint.storage import Storage
 
 __all__ = ["DCP_METADATA", "MANIFEST", "RETIRED", "CheckpointManager", "step_dir"]
@@ -91,6 +97,8 @@ class CheckpointManager:
         self._meta_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        # Created on the first async save; holds the staged CPU copy between saves.
+        self._stager: ReusingStager | None = None
 
     @property
     def root(self) -> str:
@@ -102,11 +110,21 @@ class CheckpointManager:
         return self._storage
 
     # ----------------------------------------------------------------------------- save
-    def save(self, step: int, state: dict[str, Any], *, meta: dict[str, Any]) -> None:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        meta: dict[str, Any],
+        background_staging: bool = False,
+    ) -> None:
         """COLLECTIVE. Write ``state`` as the checkpoint of ``step`` and commit it.
 
         Raises :class:`CheckpointExists` on every rank when ``step`` is already committed.
-        With ``config.async_save`` this returns once the state is staged in CPU memory.
+        With ``config.async_save`` this returns once the state is staged in CPU memory, or,
+        with ``background_staging=True``, at once: then the caller must call
+        :meth:`wait_staged` before it next changes a tensor of ``state`` in place. Ignored
+        for synchronous saves.
         """
         if step < 0:
             raise ValueError(f"step={step!r}: must be >= 0")
@@ -121,11 +139,22 @@ class CheckpointManager:
             self._group.decide(lambda: self._commit(step, meta, started=started))
             return
         side = self._group.side_group()
-        upload = self._start_async_write(step, state, writer, side)
+        upload = self._start_async_write(step, state, writer, side, background=background_staging)
         ctx = contextvars.copy_context()
         self._pending = self._commit_pool().submit(
             ctx.run, self._finish_async, upload, step, meta, started, side
         )
+
+    def wait_staged(self) -> None:
+        """Return once the last async save's CPU copy is made: the state may change again.
+
+        Cheap when there is nothing to wait for. Errors of the save itself surface in
+        :meth:`wait` (or the next ``save``/``load``/``close``), on every rank together.
+        """
+        if self._stager is not None:
+            with contextlib.suppress(Exception):
+                # A failed copy fails the upload too; wait() reports it, on every rank.
+                self._stager.wait()
 
     def wait(self) -> None:
         """Complete a pending async save (manifest included); re-raise its error, if any."""
@@ -156,14 +185,18 @@ class CheckpointManager:
             raise _dcp_error(exc, f"save step {step} to {where}") from exc
 
     def _start_async_write(
-        self, step: int, state: dict[str, Any], writer: Any, group: Any
+        self, step: int, state: dict[str, Any], writer: Any, group: Any, *, background: bool
     ) -> Future[Any]:
+        if self._stager is None:
+            self._stager = ReusingStager()
+        self._stager.background = background
         try:
             with _single_process_quiet():
                 response = dcp.async_save(
                     state,
                     storage_writer=writer,
                     process_group=group,
+                    async_stager=self._stager,
                     no_dist=not self._group.distributed,
                 )
         except (CheckpointException, Exception) as exc:
@@ -181,6 +214,17 @@ class CheckpointManager:
         except (CheckpointException, Exception) as exc:
             # DCP reports a failure on every rank, so no rank waits in the commit below.
             raise _dcp_error(exc, f"async save step {step}") from exc
+        assert self._stager is not None
+        changed = self._stager.changed
+        if self._group.any_rank(bool(changed), group=group):
+            # The files hold a torn copy; without a manifest they stay invisible.
+            if changed:
+                self._log.error("checkpoint_staging_raced", step=step, tensors=changed[:10])
+            raise StagedStateChanged(
+                f"step {step} not committed: the state changed while it was being copied "
+                f"({', '.join(changed[:5]) or 'on another rank'}); call wait_staged() before "
+                "changing it after save(..., background_staging=True)"
+            )
         self._group.decide(lambda: self._commit(step, meta, started=started), group=group)
 
     def _commit(self, step: int, meta: dict[str, Any], *, started: float) -> None:
@@ -387,13 +431,16 @@ class CheckpointManager:
         return retired
 
     def close(self) -> None:
-        """Complete a pending save, then release threads and the side process group."""
+        """Complete a pending save, then release threads, staging memory and the side group."""
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
             self._group.close()
 
     # ------------------------------------------------------------------------- internals

@@ -3,7 +3,8 @@
 Phases (argv[1]):
 
 - ``save``: train a toy FSDP2 model 2 steps, save step 2 (sync), train step 3, save step 3
-  (async when argv[3] == "async"), and write the gathered full state of both to ``ref-<step>.pt``.
+  (async when argv[3] == "async", copied in the background), and write the gathered full
+  state of both to ``ref-<step>.pt``.
 - ``load``: build a fresh model at this world size, load (step argv[4] or the newest), write the
   gathered full state to ``got-<ws>.pt``; then train one more step and write ``next-<ws>.pt``.
 
@@ -91,7 +92,10 @@ def save_phase(url: str, out_dir: str, *, async_save: bool) -> None:
     ckpt.save(2, {**app_state(model, opt), "rng": torch.get_rng_state()}, meta={"data": 2})
     train_step(model, opt, 3)
     ref3 = snapshot(model, opt)
-    ckpt.save(3, {**app_state(model, opt), "rng": torch.get_rng_state()}, meta={"data": 3})
+    state = {**app_state(model, opt), "rng": torch.get_rng_state()}
+    # Step 3 copies in the background (async only); the trainer waits before it mutates.
+    ckpt.save(3, state, meta={"data": 3}, background_staging=async_save)
+    ckpt.wait_staged()
     # Mutating the live state after an async save returned must not reach the checkpoint.
     with torch.no_grad():
         for p in model.parameters():

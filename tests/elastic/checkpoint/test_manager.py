@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint import _fsspec_filesystem
+from torch.distributed.checkpoint.staging import DefaultStager
 
 from elastic.checkpoint import (
     CheckpointCorrupt,
@@ -18,6 +19,7 @@ from elastic.checkpoint import (
     CheckpointExists,
     CheckpointManager,
     CheckpointNotFound,
+    StagedStateChanged,
     StorageError,
 )
 from tests.elastic.checkpoint.conftest import (
@@ -276,6 +278,94 @@ def test_async_save_commits_only_after_the_background_write(local: Backend) -> N
     assert manager.load(got).meta == {"a": 1}  # type: ignore[union-attr]
     assert_states_equal(got, expected)
     manager.close()
+
+
+def _copy_of(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy_of(v) if isinstance(v, dict) else v.clone() for k, v in state.items()}
+
+
+def _load(manager: CheckpointManager, step: int, like: dict[str, Any]) -> dict[str, Any]:
+    got = blank_like(like)
+    assert manager.load(got, step=step).step == step  # type: ignore[union-attr]
+    return got
+
+
+def test_background_staged_save_keeps_values_as_of_the_save_call(local: Backend) -> None:
+    manager = local.manager(async_save=True)
+    state = toy_state(1)
+    expected = _copy_of(state)
+    with _gated_shard_writes() as gate:
+        manager.save(1, state, meta={}, background_staging=True)
+        manager.wait_staged()  # what the trainer does before optimizer.step()
+        state["model"]["w"].add_(100.0)
+        state["step"].add_(1)
+        gate.set()
+        manager.wait()
+    assert_states_equal(_load(manager, 1, expected), expected)
+    manager.close()
+
+
+def test_async_saves_reusing_staging_memory_keep_each_step_intact(local: Backend) -> None:
+    manager = local.manager(async_save=True)
+    state = toy_state(1)
+    snapshots = {}
+    for step in (1, 2, 3):
+        snapshots[step] = _copy_of(state)
+        manager.save(step, state, meta={}, background_staging=step == 3)
+        manager.wait_staged()
+        state["model"]["w"].mul_(-2.0)  # a new value while step's write is in flight
+        state["model"]["b"].add_(1.0)
+    manager.close()
+    for step, expected in snapshots.items():
+        assert_states_equal(_load(manager, step, expected), expected)
+
+
+def test_state_changed_during_background_staging_is_never_committed(
+    local: Backend, log_lines: Any
+) -> None:
+    manager = local.manager(async_save=True)
+    started, gate = threading.Event(), threading.Event()
+    original = DefaultStager.stage
+
+    def held(self: DefaultStager, state_dict: Any, **kwargs: Any) -> Any:
+        started.set()
+        if not gate.wait(GATE_TIMEOUT_SECONDS):
+            raise TimeoutError("test gate never opened")
+        return original(self, state_dict, **kwargs)
+
+    state = toy_state(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DefaultStager, "stage", held)
+        manager.save(1, state, meta={}, background_staging=True)
+        assert started.wait(GATE_TIMEOUT_SECONDS)
+        state["model"]["w"].add_(1.0)  # no wait_staged(): the copy may be torn
+        gate.set()
+        with pytest.raises(StagedStateChanged, match=r"model\.w"):
+            manager.wait()
+    assert manager.list() == []
+    assert any(x["event"] == "checkpoint_staging_raced" for x in log_lines())
+    manager.save(1, state, meta={})  # the uncommitted dir does not block a retry
+    manager.close()
+    assert _steps(manager) == [1]
+
+
+def test_forgetting_wait_staged_is_covered_by_the_next_save(local: Backend) -> None:
+    manager = local.manager(async_save=True)
+    manager.save(1, toy_state(1), meta={}, background_staging=True)
+    manager.save(2, toy_state(2), meta={}, background_staging=True)
+    manager.close()
+    assert _steps(manager) == [1, 2]
+
+
+def test_background_staging_is_ignored_by_sync_saves(local: Backend) -> None:
+    manager = local.manager()
+    manager.wait_staged()  # nothing staged yet: returns at once
+    state = toy_state(1)
+    expected = _copy_of(state)
+    manager.save(1, state, meta={}, background_staging=True)
+    assert _steps(manager) == [1]  # committed before save() returned
+    state["model"]["w"].add_(1.0)
+    assert_states_equal(_load(manager, 1, expected), expected)
 
 
 def test_next_save_completes_the_pending_async_save(local: Backend) -> None:
