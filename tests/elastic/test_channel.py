@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,50 @@ def test_without_a_directory_the_worker_side_is_a_no_op() -> None:
 def test_unknown_actions_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="action='explode'"):
         DaemonChannel(tmp_path).send("explode")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_beats_in_the_same_phase_are_written_at_most_once_per_interval(tmp_path: Path) -> None:
+    daemon = DaemonChannel(tmp_path)
+    clock = _Clock()
+    worker = WorkerChannel(str(tmp_path), local_rank=0, monotonic=clock, min_interval_seconds=0.5)
+    worker.beat(1)
+    clock.now += 0.2
+    worker.beat(2)
+    assert daemon.heartbeats()[0].step == 1
+    clock.now += 0.3
+    worker.beat(3)
+    assert daemon.heartbeats()[0].step == 3
+
+
+def test_a_phase_change_or_a_step_back_is_written_at_once(tmp_path: Path) -> None:
+    daemon = DaemonChannel(tmp_path)
+    clock = _Clock()
+    worker = WorkerChannel(str(tmp_path), local_rank=0, monotonic=clock, min_interval_seconds=60)
+    worker.beat(10)
+    worker.beat(10, "save")
+    assert (daemon.heartbeats()[0].step, daemon.heartbeats()[0].phase) == (10, "save")
+    worker.beat(10)
+    assert daemon.heartbeats()[0].phase == "train"
+    worker.beat(4)  # a rewind to step 4
+    assert daemon.heartbeats()[0].step == 4
+
+
+def test_a_second_request_in_the_same_mtime_tick_is_not_missed(tmp_path: Path) -> None:
+    daemon = DaemonChannel(tmp_path)
+    worker = WorkerChannel(str(tmp_path), local_rank=0)
+    control = tmp_path / "control.json"
+    daemon.send("pause")
+    mtime_ns = control.stat().st_mtime_ns
+    assert worker.poll() is not None
+    daemon.send("resume")
+    os.utime(control, ns=(mtime_ns, mtime_ns))  # what a coarse file-system clock does
+    resumed = worker.poll()
+    assert resumed is not None and resumed.action == "resume"
