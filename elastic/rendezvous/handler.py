@@ -6,12 +6,27 @@ torch's, unchanged. ``EtcdRendezvousHandler`` only changes which Store a round g
 the namespaces of earlier rounds once a round has formed, so nothing stale survives a round.
 
 The daemon calls ``next_rendezvous()`` once per round, ``num_nodes_waiting()`` to notice
-newcomers, and ``set_closed()`` / ``shutdown()`` at the end.
+newcomers, ``leave()`` when it drains out of the group, and ``set_closed()`` / ``shutdown()``
+at the end.
+
+Round re-formation latency (a live resize or a crash restart pauses training for all of it).
+Two opt-in changes to how *this* node waits inside torch's join operation, the algorithm
+itself unchanged (``poll_seconds`` and ``complete_when`` of ``create_handler``):
+
+- torch re-reads the state once a second while it waits (for the previous round to empty, for
+  the last call to pass); ``poll_seconds`` re-reads it that often instead;
+- torch completes a round at ``max_nodes`` or when the last call expires; ``complete_when``
+  (given the participants' names) lets a participant complete it as soon as every node the
+  caller expects has joined and nobody is on the wait list, instead of waiting out the last
+  call for nodes that are not coming.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from torch.distributed import Store
@@ -19,6 +34,12 @@ from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousS
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
     DynamicRendezvousHandler,
     RendezvousTimeout,
+    _Action,
+    _BackendRendezvousStateHolder,
+    _DistributedRendezvousOpExecutor,
+    _RendezvousContext,
+    _RendezvousExitOp,
+    _RendezvousJoinOp,
 )
 
 from elastic import jsonlog
@@ -32,6 +53,67 @@ from elastic.rendezvous.leases import LeaseKeeper
 from elastic.rendezvous.store import EtcdStore
 
 log = jsonlog.get("elastic.rendezvous.handler")
+TORCH_POLL_SECONDS = 1.0  # torch's fixed wait between two reads of the state while joining
+# Participants' names (``addr_pid_localid``) -> may this incomplete round complete now?
+CompleteWhen = Callable[[frozenset[str]], bool]
+
+
+class _JoinExecutor(_DistributedRendezvousOpExecutor):
+    """torch's executor; only the waits of the join operation are changed (see the module doc).
+
+    While torch's join step would wait (``SYNC``), this one re-reads the state every
+    ``poll_seconds`` itself and returns to torch's loop only with an action to apply, so the
+    actions, their order and the conflict handling stay torch's.
+    """
+
+    def __init__(
+        self,
+        handler: DynamicRendezvousHandler,
+        *,
+        poll_seconds: float,
+        complete_when: CompleteWhen | None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(handler._this_node, handler._state_holder, handler._settings)
+        self._poll_seconds = poll_seconds
+        self._complete_when = complete_when
+        self._sleep = sleep
+
+    def run(  # type: ignore[override]
+        self,
+        state_handler: Callable[[_RendezvousContext, float], _Action],
+        deadline: float,
+        update_deadline: Callable[[timedelta], float] | None = None,
+    ) -> None:
+        if isinstance(state_handler, _RendezvousJoinOp):
+            state_handler = functools.partial(self._join_step, state_handler)
+        super().run(state_handler, deadline, update_deadline)
+
+    def _join_step(
+        self, join: _RendezvousJoinOp, ctx: _RendezvousContext, deadline: float
+    ) -> _Action:
+        while True:
+            action = join(ctx, deadline)
+            if action is not _Action.SYNC:
+                return action
+            if self._may_complete(ctx):
+                return _Action.MARK_RENDEZVOUS_COMPLETE
+            if self._poll_seconds >= TORCH_POLL_SECONDS:
+                return action  # torch's own wait
+            self._sleep(self._poll_seconds)
+            self._state_holder.sync()  # a read: nothing is dirty while we only wait
+            self._state = self._state_holder.state
+            ctx = _RendezvousContext(ctx.node, self._state, ctx.settings)
+
+    def _may_complete(self, ctx: _RendezvousContext) -> bool:
+        state = ctx.state
+        if self._complete_when is None or state.complete or state.wait_list:
+            return False
+        if ctx.node not in state.participants:
+            return False
+        if len(state.participants) < ctx.settings.min_nodes:
+            return False
+        return self._complete_when(frozenset(repr(node) for node in state.participants))
 
 
 class EtcdRendezvousHandler(DynamicRendezvousHandler):
@@ -86,6 +168,28 @@ class EtcdRendezvousHandler(DynamicRendezvousHandler):
             store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, cached.master_addr)
             store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(cached.master_port))
 
+    def _tune_join(self, *, poll_seconds: float, complete_when: CompleteWhen | None) -> None:
+        if poll_seconds >= TORCH_POLL_SECONDS and complete_when is None:
+            return  # torch's behaviour, unchanged
+        if poll_seconds < TORCH_POLL_SECONDS and isinstance(
+            self._state_holder, _BackendRendezvousStateHolder
+        ):
+            # The holder serves reads younger than its cache (1 s) from memory: a faster poll
+            # must reach etcd.
+            self._state_holder._cache_duration = 0
+        self._op_executor = _JoinExecutor(
+            self, poll_seconds=poll_seconds, complete_when=complete_when
+        )
+
+    def leave(self, *, timeout_seconds: float = 10.0) -> None:
+        """Leave the group on purpose (a drained node): stop the keep-alives and remove this
+        node from the current round now. The others' next round then forms at once, instead of
+        after this node's keep-alives expire (``keep_alive_interval * keep_alive_max_attempt``).
+        """
+        self._stop_heartbeats()
+        with self._heartbeat_lock:
+            self._op_executor.run(_RendezvousExitOp(), time.monotonic() + timeout_seconds)
+
     def next_rendezvous(self) -> RendezvousInfo:
         info = super().next_rendezvous()
         if info.rank == 0:
@@ -126,6 +230,8 @@ def create_handler(
     heartbeat_timeout_seconds: float = 5.0,
     keep_alive_interval_seconds: float = 5.0,
     keep_alive_max_attempt: int = 3,
+    poll_seconds: float = TORCH_POLL_SECONDS,
+    complete_when: CompleteWhen | None = None,
 ) -> EtcdRendezvousHandler:
     """A rendezvous handler for ``run_id`` on etcd.
 
@@ -133,6 +239,8 @@ def create_handler(
     ``shutdown()``) or a shared ``KeyValueClient`` the caller keeps owning. ``key_prefix`` and
     ``state_ttl_seconds`` default to the config's (a client from ``connect`` carries its config).
     ``local_addr`` is the address other nodes reach this one at (default: the FQDN).
+    ``poll_seconds`` and ``complete_when`` change how this node waits while joining (module
+    doc); the defaults keep torch's behaviour.
     """
     kv: KeyValueClient
     if isinstance(etcd, EtcdConfig):
@@ -167,4 +275,5 @@ def create_handler(
         raise
     assert isinstance(handler, EtcdRendezvousHandler)
     handler._bind(kv, keys=keys, lease=lease, owns_client=owns)
+    handler._tune_join(poll_seconds=poll_seconds, complete_when=complete_when)
     return handler
