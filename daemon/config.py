@@ -39,11 +39,19 @@ class NodesConfig:
     join_timeout_seconds: float = 60.0  # a round not formed by then -> state waiting, retry
     keep_alive_seconds: float = 1.0  # rendezvous heartbeat; a node missing
     keep_alive_max_missed: int = 3  # this many heartbeats is dropped from the next round
+    # While a round forms, re-read its state this often (torch's own wait is 1 s; every wait
+    # adds to the training pause of a resize or restart). One small etcd read per node.
+    poll_seconds: float = 0.1
 
     def __post_init__(self) -> None:
         check(self.min >= 1, "min", self.min, "must be >= 1")
         check(self.max >= self.min, "max", self.max, f"must be >= nodes.min ({self.min})")
-        for key in ("last_call_seconds", "join_timeout_seconds", "keep_alive_seconds"):
+        for key in (
+            "last_call_seconds",
+            "join_timeout_seconds",
+            "keep_alive_seconds",
+            "poll_seconds",
+        ):
             check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
         check(
             self.keep_alive_max_missed >= 1,
@@ -62,12 +70,16 @@ class WatchdogConfig:
     max_restarts: int = 10  # restarts allowed per window before the run is marked failed
     restart_window_seconds: float = 600.0
     poll_seconds: float = 0.5  # how often the daemon looks at its workers
+    # Worker processes kept warm (torch imported) for this many next rounds, nproc_per_node
+    # each: a restart or resize that finds none pays the imports (seconds) in its pause.
+    standby_rounds: int = 2
 
     def __post_init__(self) -> None:
         for key in ("timeout_seconds", "startup_timeout_seconds", "restart_window_seconds"):
             value = getattr(self, key)
             check(value > 0, key, value, "must be > 0")
         check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0")
+        check(self.standby_rounds >= 1, "standby_rounds", self.standby_rounds, "must be >= 1")
         check(0 < self.poll_seconds <= 5, "poll_seconds", self.poll_seconds, "must be in (0, 5]")
 
 

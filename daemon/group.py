@@ -3,7 +3,11 @@
 Everything the supervisor asks of etcd goes through :class:`Group`:
 
 - ``join()``: one rendezvous round (torch's ``DynamicRendezvousHandler`` on the etcd v3
-  backend) -> a :class:`RoundAssignment` (node rank, node count, the round's master address);
+  backend) -> a :class:`RoundAssignment` (node rank, node count, the round's master address).
+  A re-formed round completes as soon as every live node that is not leaving has joined (each
+  node publishes its rendezvous name in its lease info), not after the last call; a node that
+  drains out leaves the rendezvous on its way out, so nobody waits for its keep-alives to
+  expire;
 - liveness: a node lease (key ``nodes/<node>``, info ``{round, group_rank, state, ...}``) and a
   watch on every node's key: a member of the current round whose lease expires is ``node_lost``;
 - ``announce_failure()`` / ``peer_failed()``: a crash anywhere stops every node at once (the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +53,9 @@ POLL_SECONDS = 0.5
 # A node whose last published state is one of these left on purpose (finished, or drained with
 # the group's checkpoint): its departure breaks no running round.
 GRACEFUL_EXIT_STATES = frozenset({"stopped", "draining"})
+# Live nodes in these states will not join the round being formed: nobody waits for them. A
+# starting node (still warming its workers) comes later through the wait list.
+NOT_JOINING_STATES = GRACEFUL_EXIT_STATES | {"failed", "diverged", "starting"}
 STATUS_EVERY_POLLS = 4  # status (last step...) refreshed in etcd every 2 s
 # torch's handler otherwise creates one TCPStore in the daemon on the first round and hands it
 # to every later round: stale keys from a crashed round then break the next one's gloo mesh (the
@@ -82,11 +90,13 @@ class Group:
         node: str,
         endpoints: tuple[str, ...],
         metrics: NodeMetrics,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         os.environ[SHARE_STORE_SWITCH] = "1"  # read by torch inside next_rendezvous()
         self.config = config
         self.node = node
         self.metrics = metrics
+        self._wake = wake  # tells the supervisor that a poll found something to act on
         self.log = jsonlog.get("daemon.group")
         self.etcd = dataclasses.replace(config.etcd, endpoints=endpoints)
         self.kv = connect(self.etcd)
@@ -106,6 +116,7 @@ class Group:
         self._group_rank: int | None = None
         self._bounds = (config.nodes.min, config.nodes.max)
         self._handler: EtcdRendezvousHandler | None = None
+        self._joining = False
         self._relayed_pause = False
         self._consumed_rewind_seq = 0
         self._joined_at_poll = 0
@@ -129,7 +140,10 @@ class Group:
         self._quietly(self.kv.close)
 
     def leave(self) -> None:
-        """Graceful exit: revoke the lease now so the others see the departure at once."""
+        """Graceful exit: leave the rendezvous and revoke the lease now, so the others see the
+        departure at once and form their next round without waiting for this node."""
+        if self._handler is not None:
+            self._quietly(self._handler.leave)
         self._quietly(self.lease.revoke)
 
     # ----------------------------------------------------------------- rounds
@@ -137,10 +151,21 @@ class Group:
         self, *, restart_count: int, should_stop: Callable[[], bool]
     ) -> RoundAssignment | None:
         handler = self._current_handler()
+        started = time.monotonic()
+        self._joining = True
         try:
             info = handler.next_rendezvous()
         except (RendezvousError, EtcdRendezvousError) as exc:
             raise GroupUnavailable(f"no round formed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._joining = False
+        self.log.info(
+            "round",
+            round=handler.round,
+            group_rank=info.rank,
+            nodes=info.world_size,
+            seconds=round(time.monotonic() - started, 3),
+        )
         if should_stop():
             return None
         bootstrap = info.bootstrap_store_info
@@ -168,7 +193,9 @@ class Group:
         if self._handler is None or bounds != self._bounds:
             # A new handler over the same shared state: only min/max differ (they are local
             # settings of torch's handler). Never shutdown() the old one: that would close the
-            # rendezvous for every node.
+            # rendezvous for every node; the old one only leaves (its name, not this node, goes).
+            if self._handler is not None:
+                self._quietly(self._handler.leave)
             self._bounds = bounds
             n = self.config.nodes
             self._handler = create_handler(
@@ -182,13 +209,42 @@ class Group:
                 heartbeat_timeout_seconds=n.keep_alive_seconds * 5,
                 keep_alive_interval_seconds=n.keep_alive_seconds,
                 keep_alive_max_attempt=n.keep_alive_max_missed,
+                poll_seconds=n.poll_seconds,
+                complete_when=self._all_expected_joined,
             )
+            self._publish_rdzv_name()
             self.metrics.set_group(nodes=0, world_size=0, min_nodes=bounds[0], max_nodes=bounds[1])
         return self._handler
 
     def _publish_member(self, group_rank: int, num_nodes: int) -> None:
         info = {"round": self._round, "group_rank": group_rank, "num_nodes": num_nodes}
-        self._quietly(lambda: self.lease.update({**self._lease_info, **info}))
+        self._quietly(lambda: self.lease.update({**self._lease_info, **info, **self._rdzv()}))
+
+    def _rdzv(self) -> dict[str, str]:
+        return {"rdzv": self._handler.node_name} if self._handler is not None else {}
+
+    def _publish_rdzv_name(self) -> None:
+        with self._lock:
+            info = {**self._lease_info, "round": self._round, "group_rank": self._group_rank}
+        self._quietly(lambda: self.lease.update({**info, **self._rdzv()}))
+
+    def _all_expected_joined(self, participants: frozenset[str]) -> bool:
+        """May the round being formed complete now (before its last call)?
+
+        Yes when every live node that is not leaving is a participant. Never in this node's
+        first round (the others may still be starting up and not registered yet: the last
+        call waits for them), and never while a live node has not published its rendezvous
+        name (it cannot be matched).
+        """
+        if self._round is None:
+            return False
+        for info in self.watch.list_nodes().values():
+            if info.get("state") in NOT_JOINING_STATES:
+                continue
+            name = info.get("rdzv")
+            if not isinstance(name, str) or name not in participants:
+                return False
+        return True
 
     # ----------------------------------------------------------------- questions per tick
     def regroup_wanted(self, assignment: RoundAssignment) -> bool:
@@ -242,6 +298,7 @@ class Group:
         with self._lock:
             info = {**status, "round": self._round, "group_rank": self._group_rank}
             is_rank0 = self._group_rank == 0
+        info.update(self._rdzv())
         self._quietly(lambda: self.lease.update(info))
         if is_rank0:
             self._quietly(lambda: self.store.put_status(self._run_status(status)))
@@ -279,6 +336,7 @@ class Group:
                 if last_round is not None and last_round == self._round and not graceful:
                     self.flags.lost_rounds.add(last_round)
         self.log.info("node_" + event.kind, other=event.node_id)
+        self._wake()
 
     def _poll_loop(self) -> None:
         ticks = 0
@@ -300,7 +358,10 @@ class Group:
     def _poll_once(self) -> None:
         with self._lock:
             round_id, handler = self._round, self._handler
-        waiting = handler.num_nodes_waiting() if handler is not None else 0
+        # Not while join() runs: torch's handler keeps one state copy, which the join's own
+        # reads and writes must not see replaced from this thread.
+        joining = self._joining
+        waiting = handler.num_nodes_waiting() if handler is not None and not joining else 0
         # Nodes publish their round by updating their key after joining; remember it, so a
         # departure can be matched to the round it breaks.
         members = {
@@ -314,7 +375,8 @@ class Group:
         rewind = control.get("rewind")
         with self._lock:
             self._members.update(members)
-            self.flags.waiting_nodes = waiting
+            if not joining:
+                self.flags.waiting_nodes = waiting
             self.flags.polls += 1
             if aborted and round_id is not None:
                 self.flags.aborted_rounds.add(round_id)
@@ -326,6 +388,9 @@ class Group:
                 # seq: the deletion below may lag a poll; never relay one request twice.
                 self._consumed_rewind_seq = seq
                 self.flags.rewind_to = int(rewind["to_step"])
+            act = self.flags.waiting_nodes > 0 or round_id in self.flags.aborted_rounds
+        if act:
+            self._wake()
 
     def _quietly(self, action: Callable[[], Any]) -> None:
         """etcd writes that must not take the node down: log, flag, go on (the poller retries

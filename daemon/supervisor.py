@@ -73,6 +73,9 @@ class Supervisor:
             window_seconds=config.watchdog.restart_window_seconds,
         )
         self.terminate = threading.Event()
+        # Set by a signal or a worker's exit: the monitor acts at once instead of at its next
+        # poll tick (a crash's recovery starts the moment the worker's output ends).
+        self.wake = threading.Event()
         self.restart_count = 0
         self.last_step = 0
         self.detail = ""
@@ -108,23 +111,42 @@ class Supervisor:
             self.group.publish_node_status(self.status())
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.terminate.set())
-        signal.signal(signal.SIGINT, lambda *_: self.terminate.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._stop_requested())
+        signal.signal(signal.SIGINT, lambda *_: self._stop_requested())
         try:
             return self._run()
         finally:
             self._shutdown()
 
+    def _stop_requested(self) -> None:
+        self.terminate.set()
+        self.wake.set()
+
     def _run(self) -> int:
         self.config_path = write_resolved(self.config, self.document)
         self.pool = StandbyPool(
-            config_path=self.config_path, base_env=self.environ, size=self.config.nproc_per_node
+            config_path=self.config_path,
+            base_env=self.environ,
+            size=self.config.nproc_per_node * self.config.watchdog.standby_rounds,
         )
         self.pool.fill()  # warm while etcd starts and the first round forms
         self._start_http()
         endpoints = self._etcd_endpoints()
-        self.group = Group(self.config, node=self.node, endpoints=endpoints, metrics=self.metrics)
+        self.group = Group(
+            self.config,
+            node=self.node,
+            endpoints=endpoints,
+            metrics=self.metrics,
+            wake=self.wake.set,
+        )
         self.group.register(self.status())
+        # Join with warm workers: a running group drains as soon as this node is on the wait
+        # list, and its pause must not include this node's imports.
+        self.pool.wait_ready(
+            self.config.nproc_per_node,
+            timeout_seconds=self.config.watchdog.startup_timeout_seconds,
+            should_stop=self.terminate.is_set,
+        )
         self.transition(State.JOINING)
         while True:
             if self.terminate.is_set():
@@ -230,7 +252,11 @@ class Supervisor:
             master=f"{assignment.master_addr}:{assignment.master_port}",
         )
         workers = WorkerGroup(
-            pool=self.pool, envs=envs, node=self.node, on_line=self._on_worker_line
+            pool=self.pool,
+            envs=envs,
+            node=self.node,
+            on_line=self._on_worker_line,
+            on_exit=lambda _rank: self.wake.set(),
         )
         self.log.info("workers_started", round=assignment.round_id, pids=workers.pids)
         return workers
@@ -250,6 +276,7 @@ class Supervisor:
         progress = _Progress(time.time())
         draining = regroup = pool_filled = False
         while True:
+            self.wake.clear()  # before looking: a wake-up from here on is not lost
             if self.terminate.is_set() and not draining:
                 draining = True
                 self.transition(State.DRAINING, reason="SIGTERM")
@@ -287,7 +314,7 @@ class Supervisor:
                 return Decision(Kind.DRAINED, Reason.DRAIN, detail="drain timeout")
             if progress.paused:
                 progress.last_change = now  # a paused group is alive, not hung
-            self.terminate.wait(wd.poll_seconds)
+            self.wake.wait(wd.poll_seconds)
 
     def _relay_control(self, channel: DaemonChannel) -> None:
         assert self.group is not None

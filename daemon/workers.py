@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+import structlog
 
 from elastic.channel import WORKER_DIR_ENV
 
@@ -145,6 +148,7 @@ class StandbyPool:
         self._env["PYTHONUNBUFFERED"] = "1"
         self._size = size
         self._ready: list[subprocess.Popen[bytes]] = []
+        self._warm: set[int] = set()  # pids seen ready by wait_ready()
 
     def spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -162,6 +166,30 @@ class StandbyPool:
         self._ready = [p for p in self._ready if p.poll() is None]
         while len(self._ready) < self._size:
             self._ready.append(self.spawn())
+
+    def wait_ready(
+        self,
+        count: int,
+        *,
+        timeout_seconds: float,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Wait until the next ``count`` processes have finished importing (their
+        ``standby_ready`` line; anything printed before it is dropped). A node that is about to
+        join a running group waits here, so the group's pause does not include this node's
+        imports. False at the deadline (they are used anyway, just not warm yet)."""
+        deadline = time.monotonic() + timeout_seconds
+        for proc in self._ready[:count]:
+            while proc.poll() is None and proc.pid not in self._warm:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or should_stop():
+                    return False
+                assert proc.stdout is not None
+                readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.2))
+                line = proc.stdout.readline() if readable else b""
+                if line.startswith(b'{"event": "standby_ready"'):
+                    self._warm.add(proc.pid)
+        return True
 
     def take(self) -> subprocess.Popen[bytes]:
         """A warm process if one is alive, else a cold one (same protocol either way)."""
@@ -190,11 +218,12 @@ class WorkerGroup:
         node: str,
         out: TextIO = sys.stdout,
         on_line: Callable[[int, dict[str, Any]], None] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
-        self._out = out
+        self._printer = structlog.PrintLogger(file=out)
         self._node = node
         self._on_line = on_line
-        self._lock = threading.Lock()
+        self._on_exit = on_exit
         self._procs: list[subprocess.Popen[bytes]] = []
         self._relays: list[threading.Thread] = []
         for local_rank, env in enumerate(envs):
@@ -260,9 +289,16 @@ class WorkerGroup:
             record.setdefault("local_rank", local_rank)
             if self._on_line is not None:
                 self._on_line(local_rank, record)
-            with self._lock:
-                self._out.write(json.dumps(record) + "\n")
-                self._out.flush()
+            # structlog's printer: one lock per file, shared with the daemon's own log lines,
+            # which would otherwise interleave with this one (print writes text and newline
+            # apart) and corrupt both lines.
+            self._printer.msg(json.dumps(record))
+        if self._on_exit is not None:
+            # Output ended: the worker is exiting. Reap it so poll() sees the code, then tell
+            # the supervisor now instead of at its next poll tick.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+            self._on_exit(local_rank)
 
 
 def _parse(line: str) -> dict[str, Any] | None:

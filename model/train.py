@@ -112,8 +112,10 @@ class Trainer:
     info: distributed.DistInfo
     channel: WorkerChannel
     log: Any = field(default_factory=lambda: jsonlog.get("train"))
+    startup: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase
 
     def __post_init__(self) -> None:
+        built = time.monotonic()
         train = self.job.train
         self.plan: BatchPlan = build_sampler(self.job, self.info)
         torch.manual_seed(train.seed)
@@ -139,6 +141,7 @@ class Trainer:
         self.control = ControlState()
         self.step = 0
         self.last_loss = float("nan")
+        self.startup["build_seconds"] = round(time.monotonic() - built, 3)
 
     # ----------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
@@ -223,7 +226,7 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
         self.channel.beat(self.step, "load")
-        self.restore()
+        self.restore(startup=self.startup)
         if self.faults.due("crash_on_start") is not None:
             self._log_fault("crash_on_start", self.step)
             os._exit(13)
@@ -410,12 +413,17 @@ class Trainer:
         if meta.get("fingerprint", {}).get("model") != fingerprint(self.job.model):
             self._log_event("config_changed", section="model", level="warning")
 
-    def restore(self) -> None:
+    def restore(self, *, startup: dict[str, float] | None = None) -> None:
+        started = time.monotonic()
         self._load(step=None, keep_ledger=False)
         self.committed = {m.step: m.known_good for m in self.ckpt.list() if m.step <= self.step}
         self.spikes = []
         jsonlog.bind(step=None)
-        self._log_event("start", resumed_from=self.step or None, world_size=self.info.world_size)
+        # Where a (re)start's seconds went: the daemon's resize/recovery timelines read these.
+        timing = {**(startup or {}), "load_seconds": round(time.monotonic() - started, 3)}
+        self._log_event(
+            "start", resumed_from=self.step or None, world_size=self.info.world_size, **timing
+        )
 
     def _promote(self) -> None:
         checkpoints = [CheckpointInfo(s, good) for s, good in sorted(self.committed.items())]
@@ -518,6 +526,30 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def warm_up() -> None:
+    """Standby only: import now what the first round would import lazily on its critical path.
+
+    FSDP2's ``fully_shard`` imports ``torch._dynamo`` on first use (about 1-2 s of CPU), and
+    demo runs import the corpus code; a standby process pays for both before it is needed. The
+    ready line is relayed once a round takes the process (its ``ts`` says whether it was warm).
+    """
+    started = time.monotonic()
+    import torch._dynamo  # noqa: F401
+
+    import model.prepare  # noqa: F401
+
+    print(
+        json.dumps(
+            {
+                "event": "standby_ready",
+                "ts": round(time.time(), 3),
+                "warm_up_seconds": round(time.monotonic() - started, 3),
+            }
+        ),
+        flush=True,
+    )
+
+
 @record  # writes the root cause to TORCHELASTIC_ERROR_FILE for the daemon's worker_exit line
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train")
@@ -530,10 +562,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.standby:
+        warm_up()
         order = sys.stdin.readline()
         if not order:
             return EXIT_OK  # the daemon closed its pool
         os.environ.update(json.loads(order)["env"])
+    started = time.monotonic()
     try:
         job = resolve(args.config, environ=os.environ, sets=args.sets)
     except ConfigError as exc:
@@ -541,12 +575,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if job.train.threads:
         torch.set_num_threads(job.train.threads)
+    configured = time.monotonic()
     info = distributed.init(os.environ, device_preference=job.train.device)
     jsonlog.configure(run_id=job.run_id, node=os.environ.get(NODE_ENV), rank=info.rank)
+    startup = {
+        "config_seconds": round(configured - started, 3),
+        "process_group_seconds": round(time.monotonic() - configured, 3),
+    }
     code = EXIT_CONFIG
     try:
         channel = WorkerChannel(os.environ.get(WORKER_DIR_ENV), local_rank=info.local_rank)
-        code = Trainer(job, info, channel).train()
+        code = Trainer(job, info, channel, startup=startup).train()
         return code
     except ConfigError as exc:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)

@@ -99,4 +99,8 @@ def test_sigterm_drains_one_node_and_the_others_continue_without_losing_a_step(
     assert drain_step is None or drain_step in commits
     assert leaving.states()[-2:] == ["draining", "stopped"]
     assert drained_in < 60
+    # The stayers' next round formed without waiting out the leaver's keep-alives (3 x 1 s)
+    # and the last call (2 s): the leaver left the rendezvous, every expected node had joined.
+    regrouped = [r for d in stayers for r in d.events("round") if r["ts"] > sent]
+    assert regrouped and max(r["seconds"] for r in regrouped) < 4.0
     print(f"drain took {drained_in:.1f} s")
