@@ -17,8 +17,9 @@ keep-alive 1 s, etcd polled every 0.5 s, status every 2 s). ``PAIRS`` pairs of r
 the same drift in machine load; steps/s is taken between the ``ts`` of step ``WARMUP`` and of
 the last step (the periodic checkpoints included). Start-up is excluded, and with it the
 daemon's standby pool: after the first trained step it starts ``nproc_per_node`` spare workers
-that import torch (a few CPU seconds each, once per round) to cut restart latency; step
-``WARMUP`` is past that. The figure is the median of the per-pair ratios full / bare.
+that import torch (a few CPU seconds each, once per round) to cut restart latency; the window
+of a full run opens at the first step after the spare workers' CPU stopped growing (and not
+before step ``WARMUP``). The figure is the median of the per-pair ratios full / bare.
 
 Daemon CPU: ``utime + stime`` of the ``elasticd`` process and of its embedded etcd child,
 sampled from ``/proc`` every 0.2 s over the same window, per training step: the direct cost
@@ -27,7 +28,9 @@ of the daemon on the cores the workers share.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -46,10 +49,10 @@ TITLE = "5. Overhead of the full stack"
 MODEL = "10m"
 SEQ = 32
 MICRO = 2
-STEPS = 64
-WARMUP = 20
-PAIRS = 5
-INTERVAL = 25
+STEPS = 96
+WARMUP = 30
+PAIRS = 4
+INTERVAL = 50
 SAMPLE_SECONDS = 0.2
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
@@ -95,13 +98,16 @@ class Run:
     etcd_cpu_per_step: float | None = None
 
 
-def window(rows: list[dict[str, Any]]) -> tuple[float, float, float, float]:
-    """(start ts, end ts, steps/s, median gap s) between step ``WARMUP`` and the last step."""
+def window(
+    rows: list[dict[str, Any]], *, not_before_ts: float = 0.0
+) -> tuple[float, float, float, float]:
+    """(start ts, end ts, steps/s, median gap s) from step ``WARMUP`` (or the first step after
+    ``not_before_ts``, if later) to the last step."""
     rows = sorted(rows, key=lambda r: r["step"])
-    start = next(r for r in rows if r["step"] == WARMUP)
+    start = next(r for r in rows if r["step"] >= WARMUP and r["ts"] > not_before_ts)
     end = rows[-1]
     rate = (end["step"] - start["step"]) / (end["ts"] - start["ts"])
-    stamps = [r["ts"] for r in rows if r["step"] >= WARMUP]
+    stamps = [r["ts"] for r in rows if r["step"] >= start["step"]]
     gap = statistics.median(b - a for a, b in itertools.pairwise(stamps))
     return start["ts"], end["ts"], rate, gap
 
@@ -154,6 +160,41 @@ class CpuSampler:
         return (d1 - d0) / steps, (e1 - e0) / steps
 
 
+@dataclass
+class StandbyWatch:
+    """When the daemon's spare workers finished warming up: the time after which their CPU
+    stopped growing (one /proc scan a second; stops once they have been idle for 3 scans)."""
+
+    pid: int
+    run_dir: Path
+    idle_since: float = 0.0
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, daemon=True)
+        thread.start()
+        return thread
+
+    def _active_pids(self) -> set[int]:
+        pids = set()
+        for beat in self.run_dir.glob("workers/*/round-*/heartbeat-*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pids.add(int(json.loads(beat.read_text())["pid"]))
+        return pids
+
+    def _loop(self) -> None:
+        last, idle_scans = None, 0
+        while cpu_seconds(self.pid) is not None and idle_scans < 3:
+            active = self._active_pids()
+            spare = [c for c in children(self.pid) if "--standby" in cmdline(c) and c not in active]
+            total = sum(cpu_seconds(c) or 0.0 for c in spare)
+            if spare and last is not None and total - last < 0.05:
+                idle_scans += 1
+            else:
+                idle_scans, self.idle_since = 0, time.time()
+            last = total
+            time.sleep(1.0)
+
+
 def bare(work: Path, demo: Path, i: int) -> Run:
     name = f"bare{i}"
     config = write_config(work / f"{name}.yaml", doc(work, demo, name, steps=STEPS, full=False))
@@ -172,12 +213,17 @@ def full(work: Path, demo: Path, i: int) -> Run:
     )
     sampler = CpuSampler(daemon.proc.pid)
     thread = sampler.start()
+    standby = StandbyWatch(daemon.proc.pid, work / name / "run")
+    standby.start()
     try:
         code = daemon.wait(timeout_seconds=600)
         if code != 0:
             raise RuntimeError(f"elasticd exited with {code}")
         thread.join(timeout=5)
-        start, end, rate, gap = window(daemon.events("step"))
+        # The window opens once the standby pool is warm (a one-time start-up cost).
+        start, end, rate, gap = window(daemon.events("step"), not_before_ts=standby.idle_since)
+        first = min(r["step"] for r in daemon.events("step") if r["ts"] >= start)
+        print(f"[overhead] full{i}: window opens at step {first}", file=sys.stderr, flush=True)
         cpu = sampler.per_step(start, end, rate)
         return Run(rate, gap, *(cpu or (None, None)))
     finally:
