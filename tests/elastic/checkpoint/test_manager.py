@@ -407,3 +407,26 @@ def test_sync_write_failure_raises_storage_error(local: Backend) -> None:
 
 class _BrokenWriter:
     """Not a StorageWriter at all: DCP fails before writing anything."""
+
+
+def test_saves_skip_torch_save_crc32_only_while_writing(local: Backend) -> None:
+    # The shards are written without torch.save's per-record CRC (torch.load never checks it);
+    # the process-wide option is back to what it was afterwards, and the state round-trips.
+    seen: list[bool] = []
+    original = _fsspec_filesystem.FsspecWriter.write_data
+
+    def spy(self: Any, plan: Any, planner: Any) -> Any:
+        result = original(self, plan, planner)
+        seen.append(torch.serialization.get_crc32_options())
+        return result
+
+    manager = local.manager()
+    before = torch.serialization.get_crc32_options()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fsspec_filesystem.FsspecWriter, "write_data", spy)
+        manager.save(1, toy_state(1), meta={})
+    assert seen == [False]
+    assert torch.serialization.get_crc32_options() == before
+    got = blank_like(toy_state(0))
+    manager.load(got, step=1)
+    assert_states_equal(got, toy_state(1))
