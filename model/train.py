@@ -207,6 +207,9 @@ class Trainer:
         loss, grad_norm = sums[0], sums[2]
         finite = sums[1] == 0 and math.isfinite(loss) and math.isfinite(grad_norm)
         verdict = self.guard.observe(step, loss=loss, grad_norm=grad_norm, finite=finite)
+        # An async save copies the state in the background while forward and backward run
+        # (they only read it); the copy must be complete before the state changes in place.
+        self.ckpt.wait_staged()
         if verdict.action is Action.OK:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
@@ -379,7 +382,7 @@ class Trainer:
             return
         self.channel.beat(step, "save")
         try:
-            self.ckpt.save(step, self._state(), meta=self._meta())
+            self.ckpt.save(step, self._state(), meta=self._meta(), background_staging=True)
         except CheckpointExists as exc:
             # A committed checkpoint we fell back past (it failed verification) holds this
             # step: never overwrite a committed checkpoint; the next interval saves instead.
