@@ -6,10 +6,12 @@ allows, so a round that forms only because those waits ran out fails the time bo
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from torch.distributed.elastic.rendezvous.api import RendezvousInfo
 
 from elastic.rendezvous import create_handler
@@ -118,3 +120,32 @@ def test_a_node_that_leaves_does_not_hold_up_the_next_round_of_the_others(
     finally:
         for h in handlers:
             h.shutdown()
+
+
+def test_rendezvous_events_keep_torch_names_without_walking_the_stack(
+    kv_factory: KvFactory, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch names each event after the recording method via inspect.stack(), which dominated
+    # the CPU of large rounds; ours must give the same names without it.
+    from elastic.rendezvous import handler as handler_module
+
+    names: list[str] = []
+    monkeypatch.setattr(
+        handler_module, "construct_and_record_rdzv_event", lambda **kw: names.append(kw["name"])
+    )
+
+    def no_stack_walks(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect.stack() called")
+
+    monkeypatch.setattr(inspect, "stack", no_stack_walks)
+    plain = create_handler(  # torch's waits: the plain executor
+        kv_factory(), run_id=f"{run_id}-plain", min_nodes=1, max_nodes=1, local_addr="127.0.0.1"
+    )
+    tuned = make(kv_factory, f"{run_id}-tuned", expected=lambda: set())
+    for handler in (plain, tuned):
+        try:
+            assert handler.next_rendezvous().world_size == 1
+        finally:
+            handler.shutdown()
+    assert "EtcdRendezvousHandler.next_rendezvous" in names
+    assert "_Executor.run" in names and "_JoinExecutor.run" in names
