@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.ports import free_port
 from elastic import jsonlog
 from elastic.checkpoint import CheckpointConfig, CheckpointManager, Storage
 
@@ -123,9 +123,7 @@ def bench_raw_object(storage: Storage, size: int, repeats: int) -> None:
 
 @contextmanager
 def moto_server() -> Iterator[dict[str, Any]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     binary = shutil.which("moto_server")
     if binary is None:

@@ -39,9 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.ports import free_port
 from elastic.guard import Guard, GuardConfig, GuardState, RewindConfig
 from model.prepare import ensure_demo
-from tests.support.procs import base_env, events, free_port, running, write_config
+from tests.support.procs import base_env, events, running, write_config
 
 SEQ_LEN = 32
 FAULT_KINDS = ("nan", "poison_batch", "lr_spike")

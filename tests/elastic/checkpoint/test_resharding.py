@@ -8,7 +8,6 @@ gloo group), then mutates the live parameters to prove the async write used a st
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from daemon.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[3]
 PHASE_TIMEOUT_SECONDS = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run_ranks(world_size: int, args: list[str], log_dir: Path) -> None:
@@ -44,7 +39,7 @@ def _run_ranks(world_size: int, args: list[str], log_dir: Path) -> None:
 
 
 def _run_ranks_once(world_size: int, args: list[str], log_dir: Path) -> tuple[list[int], str]:
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     logs = []
     try:

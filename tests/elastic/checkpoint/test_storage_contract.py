@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 
+from daemon.ports import free_port
 from elastic.checkpoint import (
     CheckpointNotFound,
     Storage,
@@ -120,9 +120,7 @@ def test_truncated_shard_falls_back_to_previous_with_one_log_line(
 
 
 def test_unreachable_s3_endpoint_is_a_temporary_error() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again before use: nothing listens there
+    port = free_port()  # nothing listens there
     storage = Storage(
         "s3://bucket/ckpts",
         storage_options={

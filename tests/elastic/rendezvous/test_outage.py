@@ -7,10 +7,11 @@ import time
 import pytest
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
+from daemon.ports import free_port
 from elastic.rendezvous import EtcdUnavailableError, connect, create_handler
 from elastic.rendezvous.handler import EtcdRendezvousHandler
 from tests.elastic.rendezvous.conftest import etcd_config, form_round
-from tests.support.etcd import EtcdFactory, free_port
+from tests.support.etcd import EtcdFactory
 
 
 def quick_handler(config: object, run_id: str, *, num_nodes: int) -> EtcdRendezvousHandler:
