@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from elastic.channel import WORKER_DIR_ENV
+from elastic.channel import WORKER_DIR_ENV, is_standby_ready
 
 WORKER_MODULE = "model.train"
 NODE_ENV = "ELASTICD_WORKER_NODE"
@@ -164,6 +164,7 @@ class StandbyPool:
     def fill(self) -> None:
         """Top the pool up (called once a round is training, off the restart path)."""
         self._ready = [p for p in self._ready if p.poll() is None]
+        self._warm.intersection_update(p.pid for p in self._ready)
         while len(self._ready) < self._size:
             self._ready.append(self.spawn())
 
@@ -187,7 +188,7 @@ class StandbyPool:
                 assert proc.stdout is not None
                 readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.2))
                 line = proc.stdout.readline() if readable else b""
-                if line.startswith(b'{"event": "standby_ready"'):
+                if is_standby_ready(line):
                     self._warm.add(proc.pid)
         return True
 
@@ -195,6 +196,7 @@ class StandbyPool:
         """A warm process if one is alive, else a cold one (same protocol either way)."""
         while self._ready:
             proc = self._ready.pop(0)
+            self._warm.discard(proc.pid)
             if proc.poll() is None:
                 return proc
         return self.spawn()

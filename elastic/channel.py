@@ -10,6 +10,10 @@ A directory per round (the daemon passes it to workers as ``ELASTICD_WORKER_DIR`
   once per step (one ``stat``) and act at the next step boundary. Actions: ``drain`` (commit a
   checkpoint and exit 0), ``pause``, ``resume``, ``rewind`` (``to_step``).
 
+A standby worker (started before its round, see ``daemon.workers.StandbyPool``) says it has
+finished importing with one JSON line on stdout, ``{"event": "standby_ready", ...}``
+(:func:`standby_ready_line`, :func:`is_standby_ready`).
+
 Files, not sockets: both sides survive the other's restart, and a worker stuck in a collective
 simply stops beating, which is exactly what the watchdog must see.
 
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 WORKER_DIR_ENV = "ELASTICD_WORKER_DIR"
+STANDBY_READY_EVENT = "standby_ready"
 CONTROL_FILE = "control.json"
 CONTROL_ACTIONS = frozenset({"drain", "pause", "resume", "rewind"})
 BEAT_INTERVAL_SECONDS = 0.5
@@ -166,3 +171,23 @@ class DaemonChannel:
             payload["to_step"] = to_step
         _write_atomic(self.directory / CONTROL_FILE, payload)
         return self._seq
+
+
+def standby_ready_line(warm_up_seconds: float) -> str:
+    """The stdout line a standby worker prints once its imports are done."""
+    return json.dumps(
+        {
+            "event": STANDBY_READY_EVENT,
+            "ts": round(time.time(), 3),
+            "warm_up_seconds": round(warm_up_seconds, 3),
+        }
+    )
+
+
+def is_standby_ready(line: bytes) -> bool:
+    """Whether a worker's stdout ``line`` is its standby-ready line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") == STANDBY_READY_EVENT

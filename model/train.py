@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from elastic import jsonlog
-from elastic.channel import WORKER_DIR_ENV, Control, WorkerChannel
+from elastic.channel import WORKER_DIR_ENV, Control, WorkerChannel, standby_ready_line
 from elastic.checkpoint.app_state import app_state, restore_app_state
 from elastic.checkpoint.errors import CheckpointExists
 from elastic.checkpoint.manager import CheckpointManager
@@ -229,7 +229,7 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
         self.channel.beat(self.step, "load")
-        self.restore(startup=self.startup)
+        self.restore()
         if self.faults.due("crash_on_start") is not None:
             self._log_fault("crash_on_start", self.step)
             os._exit(13)
@@ -416,14 +416,14 @@ class Trainer:
         if meta.get("fingerprint", {}).get("model") != fingerprint(self.job.model):
             self._log_event("config_changed", section="model", level="warning")
 
-    def restore(self, *, startup: dict[str, float] | None = None) -> None:
+    def restore(self) -> None:
         started = time.monotonic()
         self._load(step=None, keep_ledger=False)
         self.committed = {m.step: m.known_good for m in self.ckpt.list() if m.step <= self.step}
         self.spikes = []
         jsonlog.bind(step=None)
         # Where a (re)start's seconds went: the daemon's resize/recovery timelines read these.
-        timing = {**(startup or {}), "load_seconds": round(time.monotonic() - started, 3)}
+        timing = {**self.startup, "load_seconds": round(time.monotonic() - started, 3)}
         self._log_event(
             "start", resumed_from=self.step or None, world_size=self.info.world_size, **timing
         )
@@ -541,16 +541,7 @@ def warm_up() -> None:
 
     import model.prepare  # noqa: F401
 
-    print(
-        json.dumps(
-            {
-                "event": "standby_ready",
-                "ts": round(time.time(), 3),
-                "warm_up_seconds": round(time.monotonic() - started, 3),
-            }
-        ),
-        flush=True,
-    )
+    print(standby_ready_line(time.monotonic() - started), flush=True)
 
 
 @record  # writes the root cause to TORCHELASTIC_ERROR_FILE for the daemon's worker_exit line

@@ -128,7 +128,8 @@ class CheckpointManager:
         """
         if step < 0:
             raise ValueError(f"step={step!r}: must be >= 0")
-        # A deep copy: with async saves the trainer may change its dict before the commit.
+        # Checked and copied (a JSON round trip): with async saves the trainer may change its
+        # dict before the commit.
         meta = _check_meta(meta)
         self.wait()
         started = time.monotonic()
