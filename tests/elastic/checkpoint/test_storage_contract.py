@@ -12,6 +12,7 @@ from elastic.checkpoint import (
     Storage,
     TemporaryStorageError,
 )
+from elastic.checkpoint.storage import _runs
 from tests.elastic.checkpoint.conftest import (
     Backend,
     assert_states_equal,
@@ -117,6 +118,34 @@ def test_truncated_shard_falls_back_to_previous_with_one_log_line(
     assert fallbacks[0]["step"] == 2
     assert fallbacks[0]["file"] == shard
     assert "size" in fallbacks[0]["problem"]
+
+
+def test_unreadable_tensor_in_a_read_thread_falls_back_to_previous(backend: Backend) -> None:
+    manager = backend.manager()
+    manager.save(1, toy_state(1), meta={})
+    manager.save(2, toy_state(2), meta={})
+    storage = backend.storage()
+    shard = next(n for n in storage.sizes("run/step-2") if n.endswith(".distcp"))
+    data = storage.read_bytes(f"run/step-2/{shard}")
+    # Break the zip header of the last tensor record (same size, so the manifest check passes):
+    # its torch.load fails inside one of the reader's threads.
+    last = data.rindex(b"PK\x03\x04")
+    storage.write_bytes(f"run/step-2/{shard}", data[:last] + b"XX" + data[last + 2 :])
+
+    got = blank_like(toy_state(0))
+    used = manager.load(got)
+
+    assert used is not None and used.step == 1
+    assert_states_equal(got, toy_state(1))
+
+
+def test_reader_runs_are_consecutive_and_balanced_by_bytes() -> None:
+    sizes = [8, 1, 1, 1, 1, 1, 1, 1, 1]
+    runs = _runs(list(range(len(sizes))), lambda i: sizes[i], 2)  # type: ignore[arg-type]
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    assert runs == [[0], [1, 2, 3, 4, 5, 6, 7, 8]]
+    assert _runs([0], lambda i: 1, 2) == [[0]]  # type: ignore[arg-type]
+    assert len(_runs(list(range(10)), lambda i: 1, 2)[0]) == 5  # type: ignore[arg-type]
 
 
 def test_unreachable_s3_endpoint_is_a_temporary_error() -> None:
