@@ -114,7 +114,6 @@ def overhead(root: Path, demo: Path, args: argparse.Namespace) -> dict[str, Any]
 
 def worker(config: str, out: str, discard: int) -> None:
     """One rank of the paired measurement: the guard alternates on, off, off, on."""
-    import torch.distributed as dist
 
     from elastic.channel import WorkerChannel
     from model import distributed
@@ -147,8 +146,7 @@ def worker(config: str, out: str, discard: int) -> None:
     result["ratio"] = result["on"]["median_step_ms"] / result["off"]["median_step_ms"]
     if info.is_main:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown(clean=True)  # the caller exits with distributed.exit_now
 
 
 def observe_microseconds(calls: int = 20_000) -> float:
@@ -255,7 +253,9 @@ def main() -> None:
     if args.worker:
         config, out, discard = args.worker
         worker(config, out, int(discard))
-        return
+        from model import distributed
+
+        distributed.exit_now(0)  # as model.train: no gloo teardown (it races with exiting peers)
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
         root = Path(tmp)
         demo = root / "demo"

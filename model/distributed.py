@@ -9,8 +9,11 @@ such env, a worker forms a one-process group on an in-memory store, so the same 
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,13 +60,22 @@ def shutdown(*, clean: bool) -> None:
     """Leave the group. After a clean finish every rank meets at a barrier, so no rank exits
     while a peer still needs it (rank 0 hosts the store). The group is not destroyed: gloo's
     teardown races with peers that exit at the same moment (aborts and segfaults seen here),
-    and the process exits right after (``model.train`` ends with ``os._exit``).
+    and the process exits right after (:func:`exit_now`).
 
     After a failure, do nothing: the group is broken, and the daemon is waiting for this
     process to exit to restart the round.
     """
     if clean and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush stdout and stderr and exit with ``code``, skipping interpreter and C++ teardown:
+    gloo's destructors race with peers exiting at the same moment (``terminate called without
+    an active exception``, SIGABRT). Call it once everything durable is written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, *, bf16: bool) -> None:

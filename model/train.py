@@ -589,9 +589,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter and C++ teardown: gloo's destructors race with peers exiting at the
-    # same moment. Everything durable (checkpoints, ledger, logs) is written and flushed.
-    os._exit(exit_code)
+    # Everything durable (checkpoints, ledger, logs) is written by now.
+    distributed.exit_now(main())

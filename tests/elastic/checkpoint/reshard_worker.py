@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from elastic import jsonlog
 from elastic.checkpoint import CheckpointConfig, CheckpointManager, app_state, restore_app_state
+from model import distributed
 
 GLOBAL_BATCH = 6  # divisible by every world size the test uses (1, 2, 3)
 
@@ -129,14 +130,13 @@ def main(argv: list[str]) -> None:
     phase, url, out_dir = argv[1], argv[2], argv[3]
     jsonlog.configure(rank=int(os.environ["RANK"]))
     dist.init_process_group("gloo")
-    try:
-        if phase == "save":
-            save_phase(url, out_dir, async_save=argv[4] == "async")
-        else:
-            load_phase(url, out_dir, int(argv[4]) if argv[4] != "latest" else None)
-    finally:
-        dist.destroy_process_group()
+    if phase == "save":
+        save_phase(url, out_dir, async_save=argv[4] == "async")
+    else:
+        load_phase(url, out_dir, int(argv[4]) if argv[4] != "latest" else None)
+    distributed.shutdown(clean=True)
 
 
 if __name__ == "__main__":
     main(sys.argv)
+    distributed.exit_now(0)  # as model.train: no gloo teardown (it races with exiting peers)

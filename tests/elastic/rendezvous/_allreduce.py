@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from model import distributed
+
 
 def main() -> None:
     dist.init_process_group("gloo")
@@ -19,8 +21,9 @@ def main() -> None:
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     record = {"event": "all_reduce", "rank": rank, "world_size": world_size, "restart": restart}
     print(json.dumps({**record, "sum": tensor.item()}), flush=True)
-    dist.destroy_process_group()
+    distributed.shutdown(clean=True)
 
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now(0)  # as model.train: no gloo teardown (it races with exiting peers)
