@@ -5,7 +5,8 @@ Raw disk baseline: the same bytes written to one file with fsync and read back, 
 filesystem. Before every read (raw or DCP) the files are dropped from the page cache
 (``posix_fadvise DONTNEED`` after ``sync``), so both reads hit the disk the same way.
 Async saves: time the caller is blocked (``save()`` + ``wait_staged()``) in three modes, first
-save and later saves apart (see ``ASYNC_MODES``), against the sync save of the same trial.
+save and later saves apart (see ``ASYNC_MODES``), against the median sync save. Raw/DCP
+pairs run back to back in alternating order; the ratios are medians of the per-pair ratios.
 Resharding: a state of DTensors sharded over 2 gloo processes is saved once, then loaded by
 1 process (2 -> 1, plain full tensors) and by 2 processes (2 -> 2, same sharding).
 S3: a local ``moto_server`` (in-memory) via bench/checkpoint_throughput.py; it measures the
@@ -15,12 +16,14 @@ client stack (s3fs, botocore, HTTP on loopback), not a real object store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,18 @@ def timed_async_save(
     return blocked, time.perf_counter() - started
 
 
+def _ratios(seconds: list[float], baseline_seconds: list[float], parity: int) -> str:
+    """Per-trial throughput ratios of the trials with ``trial % 2 == parity`` (one order)."""
+    pairs = zip(seconds[parity::2], baseline_seconds[parity::2], strict=True)
+    return ", ".join(f"{base / t:.2f}x" for t, base in pairs)
+
+
+def _in_turn(ops: dict[str, Callable[[], float]], trial: int) -> list[str]:
+    """The keys of a baseline/measured pair, in the order trial number ``trial`` runs them."""
+    keys = list(ops)
+    return keys if trial % 2 == 0 else keys[::-1]
+
+
 def _manager(directory: Path, name: str, *, keep_last: int, async_save: bool) -> CheckpointManager:
     config = CheckpointConfig(
         url=(directory / name).as_uri(), keep_last=keep_last, async_save=async_save
@@ -112,41 +127,56 @@ def _manager(directory: Path, name: str, *, keep_last: int, async_save: bool) ->
     return CheckpointManager(config, run_id="bench", rank=0, world_size=1)
 
 
-def local_disk(directory: Path, state: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Raw and DCP trials interleaved (raw, sync, each async mode per trial): same disk load.
+def local_disk(
+    directory: Path, state: dict[str, Any], *, pairs: int, async_trials: int
+) -> dict[str, list[float]]:
+    """Raw vs. DCP in ``pairs`` trials (raw write and sync save, then raw read and load, each
+    pair in alternating order), then ``async_trials`` trials of every async mode.
 
-    Each async mode has its own manager, so trial 0 is that manager's first save (staging
+    Each async mode has its own manager, so its trial 0 is that manager's first save (staging
     memory allocated and faulted in) and later trials reuse the staging buffers.
     """
     tensors = list(state["model"].values())
     chunk = tensors[0].numel() * tensors[0].element_size()
-    sync = _manager(directory, "sync", keep_last=repeats + 2, async_save=False)
-    asyncs = {m: _manager(directory, m, keep_last=2, async_save=True) for m in ASYNC_MODES}
+    sync = _manager(directory, "sync", keep_last=pairs + 2, async_save=False)
     out: dict[str, list[float]] = {k: [] for k in ("write", "read", "save", "load")}
-    for mode in ASYNC_MODES:
-        out[f"{mode}_block"], out[f"{mode}_total"] = [], []
     target = ct.blank(state)
-    for i in range(repeats):
-        raw = directory / "raw" / f"raw-{i}.bin"
-        raw.parent.mkdir(exist_ok=True)
-        out["write"].append(raw_write(raw, tensors))
-        out["save"].append(timed_save(sync, i, state))
-        for mode, manager in asyncs.items():
+    raw = directory / "raw" / "raw.bin"
+    raw.parent.mkdir(exist_ok=True)
+
+    def timed_load(step: int) -> float:
+        evict(directory / "sync")
+        started = time.perf_counter()
+        sync.load(target, step=step)
+        return time.perf_counter() - started
+
+    for i in range(pairs):
+        # Alternate which of a pair goes first: this disk absorbs a burst of writes quickly and
+        # then slows, so a fixed order would favour whichever operation runs first.
+        writes = {
+            "write": functools.partial(raw_write, raw, tensors),
+            "save": functools.partial(timed_save, sync, i, state),
+        }
+        reads = {
+            "read": functools.partial(raw_read, raw, chunk),
+            "load": functools.partial(timed_load, i),
+        }
+        for ops in (writes, reads):
+            for key in _in_turn(ops, i):
+                out[key].append(ops[key]())
+        raw.unlink()
+    assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
+    sync.close()
+    for mode in ASYNC_MODES:
+        manager = _manager(directory, mode, keep_last=2, async_save=True)
+        out[f"{mode}_block"], out[f"{mode}_total"] = [], []
+        for i in range(async_trials):
             blocked, total = timed_async_save(manager, i, state, mode)
             out[f"{mode}_block"].append(blocked)
             out[f"{mode}_total"].append(total)
-        out["read"].append(raw_read(raw, chunk))
-        raw.unlink()
-        evict(directory / "sync")
-        started = time.perf_counter()
-        sync.load(target, step=i)
-        out["load"].append(time.perf_counter() - started)
-    assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
-    for mode, manager in asyncs.items():
-        manager.load(target, step=repeats - 1)  # the reused staging buffers wrote the right bytes
+        manager.load(target, step=async_trials - 1)  # the reused staging buffers were right
         assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items()), mode
         manager.close()
-    sync.close()
     return out
 
 
@@ -191,13 +221,14 @@ def reshard_worker(mode: str, directory: str, size_mb: int, repeats: int, out: s
     manager.close()
     if rank == 0:
         Path(out).write_text(json.dumps(times))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    from model import distributed
+
+    distributed.shutdown(clean=True)
 
 
 def spawn(world: int, args: list[str], timeout_seconds: float) -> None:
-    from tests.support.procs import base_env, free_port
+    from daemon.ports import free_port
+    from tests.support.procs import base_env
 
     port = free_port()
     procs = []
@@ -268,12 +299,13 @@ def run(work: Path, *, quick: bool) -> Section:
     size_mb = 128 if quick else 1024
     reshard_mb = 64 if quick else 512
     s3_mb = 32 if quick else 256
+    pairs = 2 if quick else 10  # even: each order of a pair runs equally often
     repeats = 2 if quick else 5
     torch.set_num_threads(1)
     jsonlog.configure(stream=open(os.devnull, "w"))  # noqa: SIM115 (the manager's lines)
     state = ct.make_state(size_mb)
     size = ct.state_bytes(state)
-    dcp = local_disk(work, state, repeats)
+    dcp = local_disk(work, state, pairs=pairs, async_trials=repeats)
     raw = {"write": dcp.pop("write"), "read": dcp.pop("read")}
     del state
     shard = reshard(work, reshard_mb, repeats)
@@ -313,8 +345,10 @@ def run(work: Path, *, quick: bool) -> Section:
         [
             f"Local disk, one process, a float32 state of {size / MB:.0f} MiB "
             f"({size // (4 * MB)} tensors of 1024 x 1024); page cache dropped before every read; "
-            "raw write, sync save, the three async saves, raw read and load interleaved in "
-            "each trial.",
+            f"{len(raw['write'])} trials of raw write + sync save, then raw read + load, "
+            "each pair back to back in alternating order (raw first in even trials: this disk "
+            "takes a burst of writes fast and then slows, so a fixed order favours whichever "
+            f"runs first); then {len(dcp['overlap_block'])} trials of each async mode.",
             table(
                 head,
                 [
@@ -361,6 +395,10 @@ def run(work: Path, *, quick: bool) -> Section:
             "saves copy into the same buffers (one memcpy of the state).",
             f"Ratios: save / raw write = **{save_ratio:.2f}x**, load / raw read = "
             f"**{load_ratio:.2f}x** (throughput; median of the per-trial ratios). "
+            f"Per-trial save ratios, raw first: {_ratios(dcp['save'], raw['write'], 0)}; "
+            f"save first: {_ratios(dcp['save'], raw['write'], 1)}. Per-trial load ratios, raw "
+            f"first: {_ratios(dcp['load'], raw['read'], 0)}; load first: "
+            f"{_ratios(dcp['load'], raw['read'], 1)}. "
             "Async blocking / sync save median (time), "
             f"later saves: copy in save() **{ratios['inline']:.3f}x**, background copy with "
             f"nothing to overlap **{ratios['idle']:.3f}x**, overlapped "
@@ -419,7 +457,9 @@ def main() -> None:
     if len(sys.argv) == 7 and sys.argv[1] == "--reshard-worker":
         mode, directory, size_mb, repeats, out = sys.argv[2:]
         reshard_worker(mode, directory, int(size_mb), int(repeats), out)
-        return
+        from model import distributed
+
+        distributed.exit_now(0)  # as model.train: no gloo teardown (it races with exiting peers)
     raise SystemExit("internal entry point; run `python -m bench --only checkpoints`")
 
 
