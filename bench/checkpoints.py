@@ -6,9 +6,10 @@ filesystem. Before every read (raw or DCP) the files are dropped from the page c
 (``posix_fadvise DONTNEED`` after ``sync``), so both reads hit the disk the same way.
 Async saves: time the caller is blocked (``save()`` + ``wait_staged()``) in three modes, first
 save and later saves apart (see ``ASYNC_MODES``), against the median sync save. Raw/DCP
-pairs run back to back in alternating order; the ratios are medians of the per-pair ratios.
+pairs run back to back in alternating order; throughput ratios compare the operations that
+ran first in their pairs, and those that ran second, apart (``by_position``).
 Resharding: a state of DTensors sharded over 2 gloo processes is saved once, then loaded by
-1 process (2 -> 1, plain full tensors) and by 2 processes (2 -> 2, same sharding).
+1 process (2 -> 1, plain full tensors), against the same state saved and loaded by 1 process.
 S3: a local ``moto_server`` (in-memory) via bench/checkpoint_throughput.py; it measures the
 client stack (s3fs, botocore, HTTP on loopback), not a real object store.
 """
@@ -20,10 +21,11 @@ import functools
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,18 @@ def paired_throughput_ratio(seconds: list[float], baseline_seconds: list[float])
     return spread(pairs)["median"]
 
 
+def by_position(seconds: list[float], baseline_seconds: list[float]) -> tuple[float, float]:
+    """Throughput ratios with both sides in the same place of their pairs: (first, second).
+
+    Even trials run the baseline first, odd trials the measured operation. On a disk that takes
+    one burst of writes fast and the next one slowly, a pair's own ratio mostly says which of
+    the two went first; comparing firsts with firsts and seconds with seconds removes that.
+    """
+    first = statistics.median(baseline_seconds[0::2]) / statistics.median(seconds[1::2])
+    second = statistics.median(baseline_seconds[1::2]) / statistics.median(seconds[0::2])
+    return first, second
+
+
 def timed_save(manager: CheckpointManager, step: int, state: dict[str, Any]) -> float:
     """Seconds until a synchronous save has committed."""
     started = time.perf_counter()
@@ -114,10 +128,10 @@ def _ratios(seconds: list[float], baseline_seconds: list[float], parity: int) ->
     return ", ".join(f"{base / t:.2f}x" for t, base in pairs)
 
 
-def _in_turn(ops: dict[str, Callable[[], float]], trial: int) -> list[str]:
-    """The keys of a baseline/measured pair, in the order trial number ``trial`` runs them."""
-    keys = list(ops)
-    return keys if trial % 2 == 0 else keys[::-1]
+def _in_turn(names: Iterable[str], trial: int) -> list[str]:
+    """A baseline/measured pair's names, in the order trial number ``trial`` runs them."""
+    order = list(names)
+    return order if trial % 2 == 0 else order[::-1]
 
 
 def _manager(directory: Path, name: str, *, keep_last: int, async_save: bool) -> CheckpointManager:
@@ -257,14 +271,20 @@ def spawn(world: int, args: list[str], timeout_seconds: float) -> None:
 
 
 def reshard(directory: Path, size_mb: int, repeats: int) -> dict[str, list[float]]:
-    ckpt = directory / "reshard"
+    """Load time of a checkpoint saved by 2 processes (2 -> 1, resharded) and of one saved by
+    1 process (1 -> 1, same size), both loaded by 1 process: the only difference is the
+    resharding. One load per process; the two loads of a trial back to back in alternating
+    order (same size first in even trials), as the local-disk pairs."""
     out = directory / "reshard.json"
-    common = [str(ckpt), str(size_mb), str(repeats), str(out)]
-    spawn(2, ["save", *common], 600)
-    result = {}
     for world in (1, 2):
-        spawn(world, ["load", *common], 600)
-        result[f"2->{world}"] = json.loads(out.read_text())
+        ckpt = directory / f"reshard-{world}"
+        spawn(world, ["save", str(ckpt), str(size_mb), "1", str(out)], 600)
+    result: dict[str, list[float]] = {"1->1": [], "2->1": []}
+    for i in range(repeats):
+        for key in _in_turn(result, i):
+            ckpt = directory / f"reshard-{key[0]}"
+            spawn(1, ["load", str(ckpt), str(size_mb), "1", str(out)], 600)
+            result[key] += json.loads(out.read_text())
     return result
 
 
@@ -327,9 +347,15 @@ def run(work: Path, *, quick: bool) -> Section:
 
     head = ["operation", "MiB", "trials", "median s", "min - max s", "MiB/s (median)"]
     # Paired: each trial's raw and DCP operations ran back to back, so their ratio cancels the
-    # disk's slow drifts (this shared disk varies 3x between minutes); the median of the pairs.
-    save_ratio = paired_throughput_ratio(dcp["save"], raw["write"])
-    load_ratio = paired_throughput_ratio(dcp["load"], raw["read"])
+    # disk's slow drifts (this shared disk varies 3x between minutes). Judged by position (the
+    # worse of first-vs-first and second-vs-second), since the order decides single pairs.
+    save_pos, load_pos = (
+        by_position(dcp["save"], raw["write"]),
+        by_position(dcp["load"], raw["read"]),
+    )
+    save_ratio, load_ratio = min(save_pos), min(load_pos)
+    save_paired = paired_throughput_ratio(dcp["save"], raw["write"])
+    load_paired = paired_throughput_ratio(dcp["load"], raw["read"])
     sync_median = spread(dcp["save"])["median"]
 
     def later(key: str) -> list[float]:
@@ -338,7 +364,8 @@ def run(work: Path, *, quick: bool) -> Section:
     ratios = {m: spread(later(f"{m}_block"))["median"] / sync_median for m in ASYNC_MODES}
     first_ratio = spread(dcp["overlap_block"][:1])["median"] / sync_median
     block_ratio = ratios["overlap"]
-    reshard_ratio = spread(shard["2->1"])["median"] / spread(shard["2->2"])["median"]
+    reshard_pos = by_position(shard["2->1"], shard["1->1"])  # throughput: same-size / resharded
+    reshard_ratio = 1 / min(reshard_pos)  # time, the worse position
     rshard = reshard_mb * MB
     s3_size = s3_mb * MB
     body = "\n\n".join(
@@ -393,8 +420,11 @@ def run(work: Path, *, quick: bool) -> Section:
             "but do not write the state) between the two calls; that compute is not counted. "
             "The first save of a manager allocates and faults in the staging memory; later "
             "saves copy into the same buffers (one memcpy of the state).",
-            f"Ratios: save / raw write = **{save_ratio:.2f}x**, load / raw read = "
-            f"**{load_ratio:.2f}x** (throughput; median of the per-trial ratios). "
+            f"Ratios (throughput) by position in the pair, first / second: save / raw write "
+            f"**{save_pos[0]:.2f}x** / **{save_pos[1]:.2f}x**, load / raw read "
+            f"**{load_pos[0]:.2f}x** / **{load_pos[1]:.2f}x**; the targets take the worse of "
+            f"the two. Median of the per-pair ratios: save {save_paired:.2f}x, load "
+            f"{load_paired:.2f}x. "
             f"Per-trial save ratios, raw first: {_ratios(dcp['save'], raw['write'], 0)}; "
             f"save first: {_ratios(dcp['save'], raw['write'], 1)}. Per-trial load ratios, raw "
             f"first: {_ratios(dcp['load'], raw['read'], 0)}; load first: "
@@ -408,16 +438,20 @@ def run(work: Path, *, quick: bool) -> Section:
             "after forward and backward), in the steady state (later saves: a trainer saves "
             "many times per run). With a step shorter than the copy, the rest of the copy "
             "blocks: the 'nothing to overlap' figure is that worst case.",
-            f"Resharded load: {reshard_mb} MiB of Shard(0) DTensors saved by 2 gloo processes, "
-            "loaded by 1 process (2 -> 1, full tensors) and by 2 processes (2 -> 2).",
+            f"Resharded load: {reshard_mb} MiB saved as Shard(0) DTensors by 2 gloo processes "
+            "and loaded into full tensors by 1 process (2 -> 1), against the same tensors "
+            "saved and loaded by 1 process (1 -> 1).",
             table(
                 head,
                 [
-                    row("load 2 -> 2 (same sharding)", shard["2->2"], rshard),
+                    row("load 1 -> 1 (same size)", shard["1->1"], rshard),
                     row("load 2 -> 1 (resharded)", shard["2->1"], rshard),
                 ],
             ),
-            f"Resharded / same-size load time: **{reshard_ratio:.2f}x**.",
+            f"Resharded / same-size load time by position in the pair, first / second: "
+            f"**{1 / reshard_pos[0]:.2f}x** / **{1 / reshard_pos[1]:.2f}x** (each trial loads "
+            "once per process, the two loads back to back in alternating order); the target "
+            "takes the worse.",
             f"S3 on a local moto_server, {s3_mb} MiB, best of 2 (bench/checkpoint_throughput.py):",
             table(
                 ["operation", "MiB", "best s", "MiB/s"],
@@ -433,8 +467,18 @@ def run(work: Path, *, quick: bool) -> Section:
         ]
     )
     targets = [
-        Target("save throughput", ">= 0.8x raw write", f"{save_ratio:.2f}x", save_ratio >= 0.8),
-        Target("load throughput", ">= 0.7x raw read", f"{load_ratio:.2f}x", load_ratio >= 0.7),
+        Target(
+            "save throughput",
+            ">= 0.8x raw write",
+            f"{save_ratio:.2f}x (by position {save_pos[0]:.2f}x / {save_pos[1]:.2f}x)",
+            save_ratio >= 0.8,
+        ),
+        Target(
+            "load throughput",
+            ">= 0.7x raw read",
+            f"{load_ratio:.2f}x (by position {load_pos[0]:.2f}x / {load_pos[1]:.2f}x)",
+            load_ratio >= 0.7,
+        ),
         Target(
             "async blocking",
             "<= 0.1x sync save",
