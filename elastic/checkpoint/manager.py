@@ -1,10 +1,11 @@
 """CheckpointManager: the commit protocol, retention, rewind support and resharded loading.
 
-Layout: ``<url>/<run_id>/step-<N>/`` holds the DCP files (one ``__<rank>_0.distcp`` per rank and
-``.metadata``), then ``manifest.json``, written last by rank 0 once ``dcp.save`` has returned
-there (DCP's coordinator finishes only after every rank has reported its shards written). A
-directory without a manifest is not a checkpoint: a crash at any point before the manifest PUT
-leaves an invisible, torn directory that the next save of that step or retention removes.
+Layout: ``<url>/<run_id>/step-<N>/`` holds the DCP files (``__<rank>_<i>.distcp``,
+``storage.WRITE_THREADS`` per rank, and ``.metadata``), then ``manifest.json``, written last by
+rank 0 once ``dcp.save`` has returned there (DCP's coordinator finishes only after every rank
+has reported its shards written). A directory without a manifest is not a checkpoint: a crash
+at any point before the manifest PUT leaves an invisible, torn directory that the next save of
+that step or retention removes.
 
 Collective calls (``save``, ``load``) are made by every rank. Rank 0 decides everything that
 touches shared metadata (does the step exist, which checkpoint to load, what to delete) and

@@ -136,7 +136,7 @@ class Storage:
                 url,
                 single_file_per_rank=True,
                 sync_files=self._local,
-                thread_count=1,
+                thread_count=WRITE_THREADS,
                 overwrite=True,
                 **self._options,
             )
@@ -195,6 +195,16 @@ def _relative_to(path: str, base: str) -> str:
     if stripped_path.startswith(stripped_base + "/"):
         return stripped_path[len(stripped_base) + 1 :]
     return ""
+
+
+WRITE_THREADS = 2
+"""Files (and threads) a rank's shard is written as: ``__<rank>_0.distcp``, ``__<rank>_1...``.
+
+DCP serialises each tensor with ``torch.save`` into a Python file object, about 0.1 s of Python
+per GiB-and-256-tensors on top of the bytes; with one thread that time adds to the write.
+Two threads (DCP balances the tensors over the files by size) overlap one's Python with the
+other's writes: on tmpfs, a 1 GiB save went from 0.47 s to 0.37 s (raw write 0.39 s).
+"""
 
 
 class _Writer(FsspecWriter):
