@@ -181,7 +181,9 @@ def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
     typed = to_dict(config)
     resolved.update({k: v for k, v in typed.items() if k not in ("model", "data", "train")})
     path = run_dir / "config.resolved.yaml"
-    tmp = path.with_suffix(".tmp")
+    # A name of its own: daemons that share a run directory (tests, a shared volume) must not
+    # rename each other's half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
     return path

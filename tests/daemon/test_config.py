@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from daemon.config import resolve
+from daemon.config import resolve, write_resolved
 from elastic.config import ConfigError
 from tests.support.procs import REPO, base_env, write_config
 
@@ -111,3 +113,27 @@ def test_global_batch_that_does_not_split_over_the_ranks_is_exit_2_before_any_wr
 def test_the_all_defaults_document_is_valid() -> None:
     config, _ = resolve(None, environ={})
     assert config.checkpoint.keep_last >= 2 and config.nodes.min == 1
+
+
+def _write_resolved_repeatedly(path: str, times: int) -> None:
+    config, document = resolve(path, environ={})
+    for _ in range(times):
+        write_resolved(config, document)
+
+
+def test_daemons_sharing_a_run_dir_write_the_resolved_config_without_racing(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path / "job.yaml", minimal(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    procs = [
+        context.Process(target=_write_resolved_repeatedly, args=(str(path), 300)) for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    resolved = tmp_path / "run" / "config.resolved.yaml"
+    assert yaml.safe_load(resolved.read_text())["run_id"] == "cfg"
+    assert sorted(p.name for p in resolved.parent.iterdir()) == ["config.resolved.yaml"]
