@@ -9,8 +9,7 @@ import pytest
 
 from daemon import workers
 from elastic.channel import is_standby_ready, standby_ready_line
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.procs import REPO
 
 FAKE_WORKER = """
 import sys, time
