@@ -181,14 +181,18 @@ class StandbyPool:
         imports. False at the deadline (they are used anyway, just not warm yet)."""
         deadline = time.monotonic() + timeout_seconds
         for proc in self._ready[:count]:
+            assert proc.stdout is not None
+            # The pipe's fd, not the buffered reader: readline() would pull several lines
+            # into its buffer, where select() no longer sees them (the ready line waited for
+            # the deadline). Nothing comes after the ready line until the process gets its env.
+            fd, pending = proc.stdout.fileno(), b""
             while proc.poll() is None and proc.pid not in self._warm:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or should_stop():
                     return False
-                assert proc.stdout is not None
-                readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.2))
-                line = proc.stdout.readline() if readable else b""
-                if is_standby_ready(line):
+                readable, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+                *lines, pending = (pending + (os.read(fd, 65536) if readable else b"")).split(b"\n")
+                if any(is_standby_ready(line) for line in lines):
                     self._warm.add(proc.pid)
         return True
 
