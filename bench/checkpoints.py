@@ -2,12 +2,15 @@
 
 All through ``elastic.checkpoint.CheckpointManager`` (DCP on fsspec, manifest commit included).
 Raw disk baseline: the same bytes written to one file with fsync and read back, on the same
-filesystem. Before every read (raw or DCP) the files are dropped from the page cache
-(``posix_fadvise DONTNEED`` after ``sync``), so both reads hit the disk the same way.
+filesystem; a second raw write starts disk writeback as it goes (as the checkpoint writer does,
+elastic/checkpoint/writeback.py), the best this disk does. Before every operation (raw or DCP,
+write or read) the bench directory is dropped from the page cache (``posix_fadvise DONTNEED``
+after ``sync``): reads hit the disk, and every write starts from the same page-cache state.
 Async saves: time the caller is blocked (``save()`` + ``wait_staged()``) in three modes, first
-save and later saves apart (see ``ASYNC_MODES``), against the median sync save. Raw/DCP
-pairs run back to back in alternating order; throughput ratios compare the operations that
-ran first in their pairs, and those that ran second, apart (``by_position``).
+save and later saves apart (see ``ASYNC_MODES``), against the median sync save. The raw and
+DCP operations of a trial run back to back in rotating order; throughput ratios compare
+operations that ran in the same place of their trials (first with first, ...) and the targets
+take the worst of those (``by_position``).
 Resharding: a state of DTensors sharded over 2 gloo processes is saved once, then loaded by
 1 process (2 -> 1, plain full tensors), against the same state saved and loaded by 1 process.
 S3: a local ``moto_server`` (in-memory) via bench/checkpoint_throughput.py; it measures the
@@ -25,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +37,27 @@ from bench import checkpoint_throughput as ct
 from bench.common import MB, Section, Target, evict, fmt, spread, table
 from elastic import jsonlog
 from elastic.checkpoint import CheckpointConfig, CheckpointManager, Storage
+from elastic.checkpoint.writeback import WritebackFile
 
 TITLE = "4. Checkpoints"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def raw_write(path: Path, tensors: list[torch.Tensor]) -> float:
-    """Seconds to write every tensor's bytes into one file and fsync it."""
+def raw_write(path: Path, tensors: list[torch.Tensor], *, early_writeback: bool = False) -> float:
+    """Seconds to write every tensor's bytes into one file and fsync it; with
+    ``early_writeback``, through the checkpoint writer's :class:`WritebackFile`."""
     started = time.perf_counter()
-    with path.open("wb") as fh:
+    with path.open("wb") as raw:
+        fh = WritebackFile(raw) if early_writeback else raw
         for t in tensors:
             fh.write(memoryview(t.numpy()).cast("B"))
-        fh.flush()
-        os.fsync(fh.fileno())
+        raw.flush()
+        os.fsync(raw.fileno())
     return time.perf_counter() - started
 
 
 def raw_read(path: Path, chunk_bytes: int) -> float:
-    """Seconds to read ``path`` back (uncached) into a reused buffer."""
-    evict(path.parent)
+    """Seconds to read ``path`` back into a reused buffer (the caller drops it from the cache)."""
     buffer = bytearray(chunk_bytes)
     started = time.perf_counter()
     with path.open("rb", buffering=0) as fh:
@@ -75,16 +79,31 @@ def paired_throughput_ratio(seconds: list[float], baseline_seconds: list[float])
     return spread(pairs)["median"]
 
 
-def by_position(seconds: list[float], baseline_seconds: list[float]) -> tuple[float, float]:
-    """Throughput ratios with both sides in the same place of their pairs: (first, second).
+def in_turn(names: list[str], trial: int) -> list[str]:
+    """The order trial number ``trial`` runs ``names`` in: rotated by one place per trial, so
+    over ``len(names)`` trials each name runs once in each place."""
+    k = trial % len(names)
+    return names[k:] + names[:k]
 
-    Even trials run the baseline first, odd trials the measured operation. On a disk that takes
-    one burst of writes fast and the next one slowly, a pair's own ratio mostly says which of
-    the two went first; comparing firsts with firsts and seconds with seconds removes that.
+
+def by_position(
+    names: list[str], seconds: dict[str, list[float]], measured: str, baseline: str
+) -> list[float]:
+    """Throughput ratios ``measured`` / ``baseline`` with both in the same place of their trials.
+
+    ``seconds[name][i]`` is trial ``i``'s time, the trial running ``in_turn(names, i)``.
+    Element ``p`` compares the medians over the trials where each ran ``p``-th. On this machine
+    the first and later operations of a trial meet the disk and the page cache in different
+    states, so one trial's ratio says much about which went first; like places remove that.
     """
-    first = statistics.median(baseline_seconds[0::2]) / statistics.median(seconds[1::2])
-    second = statistics.median(baseline_seconds[1::2]) / statistics.median(seconds[0::2])
-    return first, second
+    trials = range(len(seconds[measured]))
+    ratios = []
+    for place in range(len(names)):
+        ran = [seconds[measured][i] for i in trials if in_turn(names, i)[place] == measured]
+        base = [seconds[baseline][i] for i in trials if in_turn(names, i)[place] == baseline]
+        if ran and base:
+            ratios.append(statistics.median(base) / statistics.median(ran))
+    return ratios
 
 
 def timed_save(manager: CheckpointManager, step: int, state: dict[str, Any]) -> float:
@@ -122,16 +141,18 @@ def timed_async_save(
     return blocked, time.perf_counter() - started
 
 
-def _ratios(seconds: list[float], baseline_seconds: list[float], parity: int) -> str:
-    """Per-trial throughput ratios of the trials with ``trial % 2 == parity`` (one order)."""
-    pairs = zip(seconds[parity::2], baseline_seconds[parity::2], strict=True)
-    return ", ".join(f"{base / t:.2f}x" for t, base in pairs)
+WRITES = ["write", "write_wb", "save"]
+"""A trial's writes, in :func:`in_turn` order: raw, raw with early writeback, sync save."""
+READS = ["read", "load"]
+"""A trial's reads: raw, then load (rotated as the writes)."""
 
 
-def _in_turn(names: Iterable[str], trial: int) -> list[str]:
-    """A baseline/measured pair's names, in the order trial number ``trial`` runs them."""
-    order = list(names)
-    return order if trial % 2 == 0 else order[::-1]
+def _xs(ratios: list[float]) -> str:
+    return " / ".join(f"{r:.2f}x" for r in ratios)
+
+
+def _per_trial(seconds: list[float], baseline_seconds: list[float]) -> str:
+    return ", ".join(f"{b / t:.2f}x" for t, b in zip(seconds, baseline_seconds, strict=True))
 
 
 def _manager(directory: Path, name: str, *, keep_last: int, async_save: bool) -> CheckpointManager:
@@ -142,43 +163,42 @@ def _manager(directory: Path, name: str, *, keep_last: int, async_save: bool) ->
 
 
 def local_disk(
-    directory: Path, state: dict[str, Any], *, pairs: int, async_trials: int
+    directory: Path, state: dict[str, Any], *, trials: int, async_trials: int
 ) -> dict[str, list[float]]:
-    """Raw vs. DCP in ``pairs`` trials (raw write and sync save, then raw read and load, each
-    pair in alternating order), then ``async_trials`` trials of every async mode.
+    """Raw vs. DCP in ``trials`` trials (the ``WRITES``, then the ``READS``, each in the
+    trial's :func:`in_turn` order), then ``async_trials`` trials of every async mode.
 
     Each async mode has its own manager, so its trial 0 is that manager's first save (staging
     memory allocated and faulted in) and later trials reuse the staging buffers.
     """
     tensors = list(state["model"].values())
     chunk = tensors[0].numel() * tensors[0].element_size()
-    sync = _manager(directory, "sync", keep_last=pairs + 2, async_save=False)
-    out: dict[str, list[float]] = {k: [] for k in ("write", "read", "save", "load")}
+    sync = _manager(directory, "sync", keep_last=trials + 2, async_save=False)
+    out: dict[str, list[float]] = {k: [] for k in WRITES + READS}
     target = ct.blank(state)
     raw = directory / "raw" / "raw.bin"
     raw.parent.mkdir(exist_ok=True)
 
     def timed_load(step: int) -> float:
-        evict(directory / "sync")
         started = time.perf_counter()
         sync.load(target, step=step)
         return time.perf_counter() - started
 
-    for i in range(pairs):
-        # Alternate which of a pair goes first: this disk absorbs a burst of writes quickly and
-        # then slows, so a fixed order would favour whichever operation runs first.
-        writes = {
+    for i in range(trials):
+        ops = {
             "write": functools.partial(raw_write, raw, tensors),
+            "write_wb": functools.partial(
+                raw_write, raw.with_name("wb.bin"), tensors, early_writeback=True
+            ),
             "save": functools.partial(timed_save, sync, i, state),
-        }
-        reads = {
             "read": functools.partial(raw_read, raw, chunk),
             "load": functools.partial(timed_load, i),
         }
-        for ops in (writes, reads):
-            for key in _in_turn(ops, i):
-                out[key].append(ops[key]())
+        for key in in_turn(WRITES, i) + in_turn(READS, i):
+            evict(directory)  # the same page-cache state before each, written or read
+            out[key].append(ops[key]())
         raw.unlink()
+        raw.with_name("wb.bin").unlink()
     assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
     sync.close()
     for mode in ASYNC_MODES:
@@ -270,6 +290,10 @@ def spawn(world: int, args: list[str], timeout_seconds: float) -> None:
         raise RuntimeError(f"reshard workers {args[0]} (world {world}) exited with {codes}")
 
 
+RESHARD = ["1->1", "2->1"]
+"""A reshard trial's loads: same size, then resharded (rotated per trial)."""
+
+
 def reshard(directory: Path, size_mb: int, repeats: int) -> dict[str, list[float]]:
     """Load time of a checkpoint saved by 2 processes (2 -> 1, resharded) and of one saved by
     1 process (1 -> 1, same size), both loaded by 1 process: the only difference is the
@@ -279,9 +303,9 @@ def reshard(directory: Path, size_mb: int, repeats: int) -> dict[str, list[float
     for world in (1, 2):
         ckpt = directory / f"reshard-{world}"
         spawn(world, ["save", str(ckpt), str(size_mb), "1", str(out)], 600)
-    result: dict[str, list[float]] = {"1->1": [], "2->1": []}
+    result: dict[str, list[float]] = {k: [] for k in RESHARD}
     for i in range(repeats):
-        for key in _in_turn(result, i):
+        for key in in_turn(RESHARD, i):
             ckpt = directory / f"reshard-{key[0]}"
             spawn(1, ["load", str(ckpt), str(size_mb), "1", str(out)], 600)
             result[key] += json.loads(out.read_text())
@@ -319,14 +343,14 @@ def run(work: Path, *, quick: bool) -> Section:
     size_mb = 128 if quick else 1024
     reshard_mb = 64 if quick else 512
     s3_mb = 32 if quick else 256
-    pairs = 2 if quick else 10  # even: each order of a pair runs equally often
+    trials = 6 if quick else 12  # each of WRITES and READS in each place equally often
     repeats = 2 if quick else 5
     torch.set_num_threads(1)
     jsonlog.configure(stream=open(os.devnull, "w"))  # noqa: SIM115 (the manager's lines)
     state = ct.make_state(size_mb)
     size = ct.state_bytes(state)
-    dcp = local_disk(work, state, pairs=pairs, async_trials=repeats)
-    raw = {"write": dcp.pop("write"), "read": dcp.pop("read")}
+    dcp = local_disk(work, state, trials=trials, async_trials=repeats)
+    raw = {k: dcp.pop(k) for k in ("write", "write_wb", "read")}
     del state
     shard = reshard(work, reshard_mb, repeats)
     s3_times = s3(s3_mb, 2)
@@ -348,13 +372,14 @@ def run(work: Path, *, quick: bool) -> Section:
     head = ["operation", "MiB", "trials", "median s", "min - max s", "MiB/s (median)"]
     # Paired: each trial's raw and DCP operations ran back to back, so their ratio cancels the
     # disk's slow drifts (this shared disk varies 3x between minutes). Judged by position (the
-    # worse of first-vs-first and second-vs-second), since the order decides single pairs.
-    save_pos, load_pos = (
-        by_position(dcp["save"], raw["write"]),
-        by_position(dcp["load"], raw["read"]),
-    )
+    # worst of first-vs-first, second-vs-second, ...), since the order decides single trials.
+    times = {**raw, **dcp}
+    save_pos = by_position(WRITES, times, "save", "write")
+    save_wb_pos = by_position(WRITES, times, "save", "write_wb")
+    load_pos = by_position(READS, times, "load", "read")
     save_ratio, load_ratio = min(save_pos), min(load_pos)
     save_paired = paired_throughput_ratio(dcp["save"], raw["write"])
+    save_wb_paired = paired_throughput_ratio(dcp["save"], raw["write_wb"])
     load_paired = paired_throughput_ratio(dcp["load"], raw["read"])
     sync_median = spread(dcp["save"])["median"]
 
@@ -364,22 +389,28 @@ def run(work: Path, *, quick: bool) -> Section:
     ratios = {m: spread(later(f"{m}_block"))["median"] / sync_median for m in ASYNC_MODES}
     first_ratio = spread(dcp["overlap_block"][:1])["median"] / sync_median
     block_ratio = ratios["overlap"]
-    reshard_pos = by_position(shard["2->1"], shard["1->1"])  # throughput: same-size / resharded
+    reshard_pos = by_position(RESHARD, shard, "2->1", "1->1")  # throughput: same-size / reshard
     reshard_ratio = 1 / min(reshard_pos)  # time, the worse position
     rshard = reshard_mb * MB
     s3_size = s3_mb * MB
     body = "\n\n".join(
         [
             f"Local disk, one process, a float32 state of {size / MB:.0f} MiB "
-            f"({size // (4 * MB)} tensors of 1024 x 1024); page cache dropped before every read; "
-            f"{len(raw['write'])} trials of raw write + sync save, then raw read + load, "
-            "each pair back to back in alternating order (raw first in even trials: this disk "
-            "takes a burst of writes fast and then slows, so a fixed order favours whichever "
-            f"runs first); then {len(dcp['overlap_block'])} trials of each async mode.",
+            f"({size // (4 * MB)} tensors of 1024 x 1024); the bench directory dropped from the "
+            "page cache before every operation; "
+            f"{len(raw['write'])} trials of raw write, raw write with early writeback and sync "
+            "save, then raw read and load, back to back, the order rotated one place per trial "
+            "(this machine takes the first burst of writes faster than the next, so a fixed "
+            f"order favours whichever runs first); then {len(dcp['overlap_block'])} trials of "
+            "each async mode. The checkpoint writer starts disk writeback every "
+            "16 MiB as it writes (elastic/checkpoint/writeback.py), so the disk works while "
+            "DCP still serialises; the plain raw write leaves it all to the final fsync. The "
+            "raw write with early writeback does what the checkpoint writer does, with no DCP.",
             table(
                 head,
                 [
                     row("raw write + fsync (baseline)", raw["write"]),
+                    row("raw write + early writeback + fsync", raw["write_wb"]),
                     row("CheckpointManager.save (sync, DCP + manifest)", dcp["save"]),
                     row("raw read, uncached (baseline)", raw["read"]),
                     row("CheckpointManager.load (uncached)", dcp["load"]),
@@ -420,15 +451,13 @@ def run(work: Path, *, quick: bool) -> Section:
             "but do not write the state) between the two calls; that compute is not counted. "
             "The first save of a manager allocates and faults in the staging memory; later "
             "saves copy into the same buffers (one memcpy of the state).",
-            f"Ratios (throughput) by position in the pair, first / second: save / raw write "
-            f"**{save_pos[0]:.2f}x** / **{save_pos[1]:.2f}x**, load / raw read "
-            f"**{load_pos[0]:.2f}x** / **{load_pos[1]:.2f}x**; the targets take the worse of "
-            f"the two. Median of the per-pair ratios: save {save_paired:.2f}x, load "
-            f"{load_paired:.2f}x. "
-            f"Per-trial save ratios, raw first: {_ratios(dcp['save'], raw['write'], 0)}; "
-            f"save first: {_ratios(dcp['save'], raw['write'], 1)}. Per-trial load ratios, raw "
-            f"first: {_ratios(dcp['load'], raw['read'], 0)}; load first: "
-            f"{_ratios(dcp['load'], raw['read'], 1)}. "
+            "Ratios (throughput) by place in the trial (first / second / ...): save / raw "
+            f"write **{_xs(save_pos)}**, load / raw read **{_xs(load_pos)}**; the targets take "
+            f"the worst. Save / raw write with early writeback: {_xs(save_wb_pos)}. Median of "
+            f"the per-trial ratios: save / raw write {save_paired:.2f}x, save / raw write with "
+            f"early writeback {save_wb_paired:.2f}x, load {load_paired:.2f}x. Per-trial save / "
+            f"raw write: {_per_trial(dcp['save'], raw['write'])}; load / raw read: "
+            f"{_per_trial(dcp['load'], raw['read'])}. "
             "Async blocking / sync save median (time), "
             f"later saves: copy in save() **{ratios['inline']:.3f}x**, background copy with "
             f"nothing to overlap **{ratios['idle']:.3f}x**, overlapped "
@@ -449,7 +478,7 @@ def run(work: Path, *, quick: bool) -> Section:
                 ],
             ),
             f"Resharded / same-size load time by position in the pair, first / second: "
-            f"**{1 / reshard_pos[0]:.2f}x** / **{1 / reshard_pos[1]:.2f}x** (each trial loads "
+            f"**{_xs([1 / r for r in reshard_pos])}** (each trial loads "
             "once per process, the two loads back to back in alternating order); the target "
             "takes the worse.",
             f"S3 on a local moto_server, {s3_mb} MiB, best of 2 (bench/checkpoint_throughput.py):",
@@ -470,13 +499,14 @@ def run(work: Path, *, quick: bool) -> Section:
         Target(
             "save throughput",
             ">= 0.8x raw write",
-            f"{save_ratio:.2f}x (by position {save_pos[0]:.2f}x / {save_pos[1]:.2f}x)",
+            f"{save_ratio:.2f}x (by position {_xs(save_pos)}; vs raw with early writeback "
+            f"{_xs(save_wb_pos)})",
             save_ratio >= 0.8,
         ),
         Target(
             "load throughput",
             ">= 0.7x raw read",
-            f"{load_ratio:.2f}x (by position {load_pos[0]:.2f}x / {load_pos[1]:.2f}x)",
+            f"{load_ratio:.2f}x (by position {_xs(load_pos)})",
             load_ratio >= 0.7,
         ),
         Target(

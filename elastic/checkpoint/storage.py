@@ -29,11 +29,12 @@ from typing import Any
 import fsspec
 import torch.serialization
 from fsspec.core import url_to_fs
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from elastic.checkpoint.errors import CheckpointNotFound, storage_error
+from elastic.checkpoint.writeback import WritebackFile
 
 __all__ = ["Storage"]
 
@@ -208,7 +209,8 @@ other's writes: on tmpfs, a 1 GiB save went from 0.47 s to 0.37 s (raw write 0.3
 
 
 class _Writer(FsspecWriter):
-    """DCP's fsspec writer, minus the CRC32 that ``torch.save`` computes for every record.
+    """DCP's fsspec writer, minus the CRC32 that ``torch.save`` computes for every record, and
+    with early disk writeback of local shard files (:mod:`elastic.checkpoint.writeback`).
 
     The CRC costs ~0.24 s per GiB (a third of a local save) and protects nothing here:
     ``torch.load`` never checks it (a flipped byte loads silently with or without it), and
@@ -218,9 +220,30 @@ class _Writer(FsspecWriter):
     restored after.
     """
 
+    def __init__(self, url: str, *, sync_files: bool, **kwargs: Any) -> None:
+        super().__init__(url, sync_files=sync_files, **kwargs)
+        if sync_files:  # local disk: the files are real files with a page cache
+            # DCP annotates ``fs`` as its local FileSystem; FsspecWriter already stores its own.
+            self.fs = _WritebackFileSystem.wrapping(self.fs)  # type: ignore[assignment]
+
     def write_data(self, plan: Any, planner: Any) -> Any:
         with _without_crc32():
             return super().write_data(plan, planner)
+
+
+class _WritebackFileSystem(FileSystem):  # type: ignore[misc]
+    """DCP's fsspec file system whose write streams start disk writeback as they go."""
+
+    @classmethod
+    def wrapping(cls, base: Any) -> _WritebackFileSystem:
+        wrapped = cls()
+        wrapped.fs = base.fs
+        return wrapped
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            yield WritebackFile(stream) if "w" in mode else stream
 
 
 @contextmanager
