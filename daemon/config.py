@@ -23,6 +23,7 @@ import yaml
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.config import ConfigError, build, check, check_name, layered, to_dict
 from elastic.faults import ALLOW_FAULTS_ENV, FaultConfig, require_permission
+from elastic.files import replace_file
 from elastic.guard import validate_retention
 from elastic.guard.config import GuardConfig, RewindConfig
 from elastic.rendezvous import EtcdConfig
@@ -181,9 +182,6 @@ def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
     typed = to_dict(config)
     resolved.update({k: v for k, v in typed.items() if k not in ("model", "data", "train")})
     path = run_dir / "config.resolved.yaml"
-    # A name of its own: daemons that share a run directory (tests, a shared volume) must not
-    # rename each other's half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    # Daemons that share a run directory (tests, a shared volume) each write it whole.
+    replace_file(path, yaml.safe_dump(resolved, sort_keys=False).encode())
     return path

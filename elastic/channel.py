@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.files import replace_file
+
 WORKER_DIR_ENV = "ELASTICD_WORKER_DIR"
 STANDBY_READY_EVENT = "standby_ready"
 CONTROL_FILE = "control.json"
@@ -55,16 +57,6 @@ class Control:
     seq: int
     action: str
     to_step: int | None = None
-
-
-def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(payload).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -110,7 +102,7 @@ class WorkerChannel:
             ):
                 return
         payload = {"step": step, "phase": phase, "time_unix": self._clock(), "pid": os.getpid()}
-        _write_atomic(self._dir / f"heartbeat-{self._local_rank}.json", payload)
+        replace_file(self._dir / f"heartbeat-{self._local_rank}.json", json.dumps(payload).encode())
         self._written = (step, phase, now)
 
     def poll(self) -> Control | None:
@@ -169,7 +161,7 @@ class DaemonChannel:
         payload: dict[str, Any] = {"seq": self._seq, "action": action, "time_unix": self._clock()}
         if to_step is not None:
             payload["to_step"] = to_step
-        _write_atomic(self.directory / CONTROL_FILE, payload)
+        replace_file(self.directory / CONTROL_FILE, json.dumps(payload).encode())
         return self._seq
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from elastic import jsonlog
+from elastic.files import replace_file
 from model import corpus
 from model.shards import (
     DataError,
@@ -184,11 +185,7 @@ def resolve_tokenizer(
 
 def _write_text(out_dir: str, name: str, text: str, storage_options: StorageOptions = None) -> None:
     if is_local(out_dir):
-        path = local_path(out_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(local_path(out_dir) / name, text.encode(), durable=True)
     else:
         from elastic.checkpoint.storage import Storage  # the single fsspec adapter
 

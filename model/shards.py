@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from elastic.files import replace_file
+
 INDEX_FILE = "index.json"
 TOKENS_FILE = "tokens.bin"
 FORMAT_VERSION = 1
@@ -174,7 +176,9 @@ class ShardWriter:
             sha256=self._hash.hexdigest(),
         )
         if is_local(self.out_url):
-            _write_local_atomic(local_path(self.out_url) / INDEX_FILE, index.to_json())
+            replace_file(
+                local_path(self.out_url) / INDEX_FILE, index.to_json().encode(), durable=True
+            )
         else:
             storage = _storage(self.out_url, self.storage_options)
             try:
@@ -183,12 +187,6 @@ class ShardWriter:
             finally:
                 self._path.unlink(missing_ok=True)
         return index
-
-
-def _write_local_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _storage(url: str, storage_options: StorageOptions) -> Any:

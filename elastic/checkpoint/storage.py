@@ -10,7 +10,8 @@ Caveats:
 
 - Object stores have no directories and no rename; "directory" here means "key prefix", and
   :meth:`Storage.write_bytes` relies on a single PUT being atomic per object. On local disk it
-  writes a temporary file, fsyncs it and renames it into place.
+  writes a temporary file, fsyncs it and renames it into place
+  (:func:`elastic.files.replace_file`).
 - s3fs caches listings per process, but other ranks write into the same prefixes, so every
   listing or existence check drops the cache for its path first.
 - ``memory://`` is one dict per *process*: fine for single-process tests, useless across ranks.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +35,7 @@ from torch.futures import Future
 
 from elastic.checkpoint.errors import CheckpointNotFound, storage_error
 from elastic.checkpoint.writeback import WritebackFile
+from elastic.files import replace_file
 
 __all__ = ["Storage"]
 
@@ -81,7 +82,7 @@ class Storage:
         path = self._path(rel)
         with self._wrapped(f"write {self.join(rel)}", reading=False):
             if self._local:
-                self._write_local_atomic(path, data)
+                replace_file(path, data, durable=True)
             else:
                 self._fs.pipe_file(path, data)
 
@@ -153,20 +154,6 @@ class Storage:
         if not rel:
             return self._root
         return f"{self._root.rstrip('/')}/{rel}"
-
-    def _write_local_atomic(self, path: str, data: bytes) -> None:
-        parent = path.rsplit("/", 1)[0]
-        self._fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            with self._fs.open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._fs.mv(tmp, path)
-        finally:
-            if self._fs.exists(tmp):
-                self._fs.rm(tmp)
 
     @contextmanager
     def _wrapped(self, what: str, *, reading: bool = True) -> Iterator[None]:
