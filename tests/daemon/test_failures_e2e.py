@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import daemons, merged_steps, start_daemon, tiny_job, wait_step
+from tests.support.daemons import daemons, start_daemon, tiny_job, wait_step, wait_world_size
 from tests.support.etcd import EtcdServer
 from tests.support.procs import wait_for
 
@@ -76,23 +76,13 @@ def test_losing_one_of_three_nodes_continues_at_two_within_ttl_plus_10s(
     with daemons() as group:
         for name in ("a", "b", "c"):
             group.append(start_daemon(doc, name=name, log_dir=tmp_path))
-        wait_for(
-            lambda: any(r["world_size"] == 3 for r in merged_steps(*group)),
-            timeout_seconds=240,
-            what="a step at world size 3",
-        )
+        wait_world_size(group, 3, timeout_seconds=240)
         wait_step(group, 12, timeout_seconds=120)
         killed_at = time.time()
         victim = next(d for d in group if not d.steps())  # a node not hosting rank 0
         victim.kill_with_workers()
         survivors = [d for d in group if d is not victim]
-        first = wait_for(
-            lambda: [
-                r for r in merged_steps(*survivors) if r["ts"] > killed_at and r["world_size"] == 2
-            ],
-            timeout_seconds=60,
-            what="a step at world size 2",
-        )[0]
+        first = wait_world_size(survivors, 2, timeout_seconds=60, after_ts=killed_at)
         ttl = 3
         assert first["ts"] - killed_at <= ttl + 10
         loads = [r for d in survivors for r in d.events("checkpoint_load")]

@@ -11,9 +11,16 @@ import pytest
 
 from model.data_config import DataConfig
 from model.mixture import build_sampler
-from tests.support.daemons import Daemon, daemons, merged_steps, start_daemon, tiny_job, wait_step
+from tests.support.daemons import (
+    Daemon,
+    daemons,
+    merged_steps,
+    start_daemon,
+    tiny_job,
+    wait_step,
+    wait_world_size,
+)
 from tests.support.etcd import EtcdServer
-from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +53,7 @@ def test_a_third_node_joins_at_a_step_boundary_without_a_gap_or_a_repeat(
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b")]
         wait_step(group, 15, timeout_seconds=240)
         group.append(start_daemon(doc, name="c", log_dir=tmp_path))
-        wait_for(
-            lambda: any(r["world_size"] == 3 for r in merged_steps(*group)),
-            timeout_seconds=180,
-            what="a step at world size 3",
-        )
+        wait_world_size(group, 3, timeout_seconds=180)
         for d in group:
             assert d.wait(timeout_seconds=300) == 0
     rows = merged_steps(*group)
@@ -75,11 +78,7 @@ def test_sigterm_drains_one_node_and_the_others_continue_without_losing_a_step(
     )
     with daemons() as group:
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b", "c")]
-        wait_for(
-            lambda: any(r["world_size"] == 3 for r in merged_steps(*group)),
-            timeout_seconds=240,
-            what="a step at world size 3",
-        )
+        wait_world_size(group, 3, timeout_seconds=240)
         wait_step(group, 15, timeout_seconds=120)
         leaving: Daemon = next(d for d in group if not d.steps())
         sent = time.time()

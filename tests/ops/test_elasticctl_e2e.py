@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import daemons, merged_steps, start_daemon, tiny_job, wait_step
+from tests.support.daemons import (
+    daemons,
+    merged_steps,
+    start_daemon,
+    tiny_job,
+    wait_step,
+    wait_world_size,
+)
 from tests.support.etcd import EtcdServer, etcd_server
 from tests.support.procs import REPO, base_env, wait_for
 
@@ -44,11 +51,7 @@ def test_elasticctl_reads_and_steers_a_running_group(
     )
     with daemons() as group:
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b")]
-        wait_for(
-            lambda: any(r["world_size"] == 2 for r in merged_steps(*group)),
-            timeout_seconds=240,
-            what="a step at world size 2",
-        )
+        wait_world_size(group, 2, timeout_seconds=240)
         wait_step(group, 25, timeout_seconds=120)
 
         status = ctl(ep, run, "status", "--json")
@@ -89,13 +92,7 @@ def test_elasticctl_reads_and_steers_a_running_group(
 
         scale_at = time.time()
         assert ctl(ep, run, "scale", "--min", "1", "--max", "1").returncode == 0
-        wait_for(
-            lambda: [
-                r for r in merged_steps(*group) if r["ts"] > scale_at and r["world_size"] == 1
-            ],
-            timeout_seconds=120,
-            what="a step at world size 1 after scale",
-        )
+        wait_world_size(group, 1, timeout_seconds=120, after_ts=scale_at)
 
     png = tmp_path / "report.png"
     report = ctl(ep, run, "report", "--log", *[str(d.log) for d in group], "--out", str(png))

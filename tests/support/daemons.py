@@ -158,6 +158,18 @@ def merged_steps(*group: Daemon) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["ts"])
 
 
+def wait_world_size(
+    group: list[Daemon], size: int, *, timeout_seconds: float, after_ts: float = 0.0
+) -> dict[str, Any]:
+    """The first step line at world size ``size`` with ``ts`` after ``after_ts`` (bounded)."""
+    rows = wait_for(
+        lambda: [r for r in merged_steps(*group) if r["ts"] > after_ts and r["world_size"] == size],
+        timeout_seconds=timeout_seconds,
+        what=f"a step at world size {size}",
+    )
+    return rows[0]  # type: ignore[no-any-return]
+
+
 def wait_step(group: list[Daemon], step: int, *, timeout_seconds: float) -> None:
     wait_for(
         lambda: any(r["step"] >= step for r in merged_steps(*group)),
