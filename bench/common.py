@@ -8,7 +8,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,25 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # one JSON per benchmark, merged into RESULTS.md
 MB = 1024 * 1024
+
+
+@contextmanager
+def figure(name: str, size_inches: tuple[float, float]) -> Iterator[Any]:
+    """One matplotlib axes (Agg, no display); on exit: legend, tight layout, saved as
+    ``bench/<name>`` at 100 dpi, figure closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size_inches)
+    try:
+        yield ax
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(BENCH_DIR / name, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 @dataclass

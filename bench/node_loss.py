@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.cluster import Cluster, job, now
-from bench.common import BENCH_DIR, Section, Target, fmt, spread, table
+from bench.common import Section, Target, figure, fmt, spread, table
 from model.prepare import ensure_demo
 from tests.support.daemons import Daemon
 from tests.support.etcd import EtcdServer
@@ -90,33 +90,28 @@ def trials_for_ttl(work: Path, demo: Path, endpoint: str, ttl: float, trials: in
 
 
 def plot(rows: list[dict], ttls: list[float]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    styles = {"stop": ("^", "C2"), "rank0": ("o", "C3"), "other": ("s", "C0")}
-    for r in rows:
-        if r["seconds"] is not None:
-            key = "stop" if r.get("how") == "stop" else ("rank0" if r["victim_rank0"] else "other")
-            marker, color = styles[key]
-            ax.plot(r["ttl"], r["seconds"], marker, color=color, alpha=0.7)
-    ax.plot(ttls, [t + 5 for t in ttls], "k--", label="target: TTL + 5 s")
-    ax.plot(ttls, ttls, "k:", label="TTL")
-    ax.plot([], [], "o", color="C3", label="SIGKILL, the rank-0 node")
-    ax.plot([], [], "s", color="C0", label="SIGKILL, another node")
-    ax.plot([], [], "^", color="C2", label="SIGSTOP (partition-like)")
-    ax.set_xlabel("etcd.ttl_seconds")
-    ax.set_ylabel("kill -> survivors' next step (s)")
-    ax.set_xlim(0, max(ttls) + 3)
-    ax.set_ylim(0, None)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     name = "node_loss.png"
-    fig.savefig(BENCH_DIR / name, dpi=100)
-    plt.close(fig)
+    with figure(name, (5, 3.5)) as ax:
+        styles = {"stop": ("^", "C2"), "rank0": ("o", "C3"), "other": ("s", "C0")}
+        for r in rows:
+            if r["seconds"] is not None:
+                key = (
+                    "stop"
+                    if r.get("how") == "stop"
+                    else ("rank0" if r["victim_rank0"] else "other")
+                )
+                marker, color = styles[key]
+                ax.plot(r["ttl"], r["seconds"], marker, color=color, alpha=0.7)
+        ax.plot(ttls, [t + 5 for t in ttls], "k--", label="target: TTL + 5 s")
+        ax.plot(ttls, ttls, "k:", label="TTL")
+        ax.plot([], [], "o", color="C3", label="SIGKILL, the rank-0 node")
+        ax.plot([], [], "s", color="C0", label="SIGKILL, another node")
+        ax.plot([], [], "^", color="C2", label="SIGSTOP (partition-like)")
+        ax.set_xlabel("etcd.ttl_seconds")
+        ax.set_ylabel("kill -> survivors' next step (s)")
+        ax.set_xlim(0, max(ttls) + 3)
+        ax.set_ylim(0, None)
+        ax.grid(alpha=0.3)
     return name
 
 

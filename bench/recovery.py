@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_DIR, Section, Target, children, cmdline, fmt, spread, table
+from bench.common import Section, Target, children, cmdline, figure, fmt, spread, table
 from model.prepare import ensure_demo
 from tests.support.daemons import start_daemon, tiny_job
 from tests.support.procs import REPO, base_env, read_lines, wait_for, write_config
@@ -201,40 +201,31 @@ def summary(name: str, results: list[float | None], bound: float) -> list[str]:
 
 
 def plot(elasticd: list[float | None], torchrun: list[float | None], bound: float) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, series, color in (("elasticd", elasticd, "C0"), ("torchrun", torchrun, "C3")):
-        xs = list(range(1, len(series) + 1))
-        ax.plot(
-            [x for x, v in zip(xs, series, strict=True) if v is not None],
-            [v for v in series if v is not None],
-            "o-",
-            color=color,
-            label=f"{label} (recovered)",
-        )
-        failed = [x for x, v in zip(xs, series, strict=True) if v is None]
-        if failed:
-            ax.plot(
-                failed,
-                [bound] * len(failed),
-                "x",
-                color=color,
-                ms=10,
-                label=f"{label} (failed at the {bound:.0f} s bound)",
-            )
-    ax.set_xlabel("trial")
-    ax.set_ylabel("SIGKILL -> next step (s)")
-    ax.set_title("Worker SIGKILL recovery, 2 workers, gloo, CPU")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     name = "recovery.png"
-    fig.savefig(BENCH_DIR / name, dpi=100)
-    plt.close(fig)
+    with figure(name, (7, 3.5)) as ax:
+        for label, series, color in (("elasticd", elasticd, "C0"), ("torchrun", torchrun, "C3")):
+            xs = list(range(1, len(series) + 1))
+            ax.plot(
+                [x for x, v in zip(xs, series, strict=True) if v is not None],
+                [v for v in series if v is not None],
+                "o-",
+                color=color,
+                label=f"{label} (recovered)",
+            )
+            failed = [x for x, v in zip(xs, series, strict=True) if v is None]
+            if failed:
+                ax.plot(
+                    failed,
+                    [bound] * len(failed),
+                    "x",
+                    color=color,
+                    ms=10,
+                    label=f"{label} (failed at the {bound:.0f} s bound)",
+                )
+        ax.set_xlabel("trial")
+        ax.set_ylabel("SIGKILL -> next step (s)")
+        ax.set_title("Worker SIGKILL recovery, 2 workers, gloo, CPU")
+        ax.grid(alpha=0.3)
     return name
 
 

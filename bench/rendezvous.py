@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import BENCH_DIR, Section, Target, fmt, table
+from bench.common import Section, Target, figure, fmt, table
 from tests.support.etcd import EtcdServer
 from tests.support.procs import REPO, base_env
 
@@ -47,37 +47,28 @@ def cell(backend: str, size: int, endpoint: str, bound_seconds: float) -> float 
 
 
 def plot(sizes: list[int], results: dict[str, dict[int, float | None]], bound: float) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for backend, color in (("etcd3", "C0"), ("c10d", "C1")):
-        done = [(n, results[backend][n]) for n in sizes if results[backend].get(n) is not None]
-        ax.plot([n for n, _ in done], [s for _, s in done], "o-", color=color, label=backend)
-        late = [n for n in sizes if n in results[backend] and results[backend][n] is None]
-        if late:
-            ax.plot(
-                late,
-                [bound] * len(late),
-                "x",
-                ms=10,
-                color=color,
-                label=f"{backend}: no round within {bound:.0f} s",
-            )
-    ax.axhline(10, color="k", ls="--", lw=1, label="target at 128: 10 s")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("participants")
-    ax.set_ylabel("seconds for one round")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     name = "rendezvous.png"
-    fig.savefig(BENCH_DIR / name, dpi=100)
-    plt.close(fig)
+    with figure(name, (6, 4)) as ax:
+        for backend, color in (("etcd3", "C0"), ("c10d", "C1")):
+            done = [(n, results[backend][n]) for n in sizes if results[backend].get(n) is not None]
+            ax.plot([n for n, _ in done], [s for _, s in done], "o-", color=color, label=backend)
+            late = [n for n in sizes if n in results[backend] and results[backend][n] is None]
+            if late:
+                ax.plot(
+                    late,
+                    [bound] * len(late),
+                    "x",
+                    ms=10,
+                    color=color,
+                    label=f"{backend}: no round within {bound:.0f} s",
+                )
+        ax.axhline(10, color="k", ls="--", lw=1, label="target at 128: 10 s")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xlabel("participants")
+        ax.set_ylabel("seconds for one round")
+        ax.grid(alpha=0.3, which="both")
     return name
 
 
