@@ -42,31 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.ports import free_port
 from elastic.guard import Guard, GuardConfig, GuardState, RewindConfig
 from model.prepare import ensure_demo
+from tests.support.jobs import SEQ_LEN, train_job
 from tests.support.procs import base_env, events, running, write_config
 
-SEQ_LEN = 32
 FAULT_KINDS = ("nan", "poison_batch", "lr_spike")
 
 
 def job(root: Path, demo: Path, *, name: str, **overrides: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "run_id": name,
-        "run_dir": str(root / name / "run"),
-        "checkpoint": {"url": str(root / name / "ckpt"), "interval_steps": 100, "keep_last": 3},
-        "model": {"size": "tiny", "max_seq_len": SEQ_LEN},
-        "data": {"demo_dir": str(demo), "eval_every_steps": 0},
-        "train": {
-            "steps": 300,
-            "global_batch_tokens": 8 * SEQ_LEN,
-            "micro_batch_size": 4,
-            "seq_len": SEQ_LEN,
-            "warmup_steps": 10,
-            "threads": 1,
-        },
-    }
-    for section, values in overrides.items():
-        doc[section] = {**doc.get(section, {}), **values} if isinstance(values, dict) else values
-    return doc
+    return train_job(root / name, demo, run_id=name, steps=300, **overrides)
 
 
 def run(root: Path, doc: dict[str, Any], *, world_size: int) -> Path:

@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.support.jobs import SEQ_LEN, train_job
 from tests.support.procs import events, running, wait_for, write_config
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.slow
 RUN_ID = "div"
 FAULTS_ENV = {"ELASTICD_ALLOW_FAULTS": "1"}
 EXIT_DIVERGED = 3
-SEQ_LEN = 32
 
 # The post-LN rewind scenario. Checkpoints every 100 steps, 3 kept: (3 - 1) * 100 >= 100 + 49,
 # so elastic.guard.validate_retention accepts it. The spike multiplies the lr of steps 210..219
@@ -47,24 +47,7 @@ SPIKE_RUN_STEPS = 350
 
 def job(tmp: Path, demo: Path, **overrides: Any) -> dict[str, Any]:
     """A pre-LN tiny model on 8 x 32 tokens per step; ``overrides`` merge per section."""
-    doc: dict[str, Any] = {
-        "run_id": RUN_ID,
-        "run_dir": str(tmp / "run"),
-        "checkpoint": {"url": str(tmp / "ckpt"), "interval_steps": 100, "keep_last": 3},
-        "model": {"size": "tiny", "max_seq_len": SEQ_LEN},
-        "data": {"demo_dir": str(demo), "eval_every_steps": 0},
-        "train": {
-            "steps": 200,
-            "global_batch_tokens": 8 * SEQ_LEN,
-            "micro_batch_size": 4,
-            "seq_len": SEQ_LEN,
-            "warmup_steps": 10,
-            "threads": 1,
-        },
-    }
-    for section, values in overrides.items():
-        doc[section] = {**doc.get(section, {}), **values} if isinstance(values, dict) else values
-    return doc
+    return train_job(tmp, demo, run_id=RUN_ID, **overrides)
 
 
 def spike_job(tmp: Path, demo: Path, *, faults: list[dict[str, Any]]) -> dict[str, Any]:

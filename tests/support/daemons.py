@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.jobs import with_overrides
 from tests.support.procs import REPO, base_env, events, read_lines, wait_for, write_config
 
 
@@ -51,12 +52,7 @@ def tiny_job(
             "log_sample_ids": True,
         },
     }
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(doc.get(section), dict):
-            doc[section] = {**doc[section], **values}
-        else:
-            doc[section] = values
-    return doc
+    return with_overrides(doc, overrides)
 
 
 @dataclass
