@@ -43,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234  # model init seed
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the model (GPU runs)
+    compile: bool = False  # torch.compile each block and the loss (GPT.compile_regions)
     log_sample_ids: bool = False  # add the global batch's sample ids to each step line
     threads: int = 0  # torch intra-op threads per worker (0 = leave torch's default)
 

@@ -121,6 +121,8 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.model = GPT(self.job.model, seed=train.seed).to(self.info.device)
         distributed.shard(self.model, self.model.blocks, bf16=self.info.device.type == "cuda")
+        if train.compile:
+            self.model.compile_regions()
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, train.weight_decay),
             lr=train.lr,
