@@ -30,7 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
 import torch
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 __all__ = ["ReusingStager", "source_versions"]
@@ -43,15 +44,11 @@ class ReusingStager(AsyncStager):
     _synchronize_after_execute = False
 
     def __init__(self) -> None:
-        cuda = torch.cuda.is_available()
         # Pinned buffers make device-to-host copies fast; on a CPU-only build torch would warn.
-        options = StagingOptions(
-            use_pinned_memory=cuda,
-            use_shared_memory=False,
-            use_async_staging=False,  # threading is ours, so we can check versions after
-            use_non_blocking_copy=False,
-        )
-        self._stager = DefaultStager(options)
+        # torch's StateDictStager itself, not the public DefaultStager around it: in torch 2.11
+        # DefaultStager closes it after every stage, and the next stage fails with
+        # "KeyError: <class 'type'>" (pytorch#183413). Threading is ours, so no async options.
+        self._stager = StateDictStager(pin_memory=torch.cuda.is_available(), share_memory=False)
         self._pool: ThreadPoolExecutor | None = None
         self._staging: Future[Any] | None = None
         self.background = False
@@ -89,8 +86,8 @@ class ReusingStager(AsyncStager):
             self._stager.close()
 
     def _copy(self, state_dict: dict[str, Any], before: dict[str, int]) -> dict[str, Any]:
-        # Inline staging (use_async_staging=False) returns the dict itself, never a Future.
-        staged = cast(dict[str, Any], self._stager.stage(state_dict))
+        # StateDictStager copies inline and returns the copied dict.
+        staged = cast(dict[str, Any], self._stager.stage(state_dict, non_blocking=False))
         after = source_versions(state_dict)
         self.changed = sorted(k for k, v in before.items() if after.get(k) != v)
         return staged

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint import _fsspec_filesystem
-from torch.distributed.checkpoint.staging import DefaultStager
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 from elastic.checkpoint import (
     CheckpointCorrupt,
@@ -325,9 +325,9 @@ def test_state_changed_during_background_staging_is_never_committed(
 ) -> None:
     manager = local.manager(async_save=True)
     started, gate = threading.Event(), threading.Event()
-    original = DefaultStager.stage
+    original = StateDictStager.stage
 
-    def held(self: DefaultStager, state_dict: Any, **kwargs: Any) -> Any:
+    def held(self: StateDictStager, state_dict: Any, **kwargs: Any) -> Any:
         started.set()
         if not gate.wait(GATE_TIMEOUT_SECONDS):
             raise TimeoutError("test gate never opened")
@@ -335,7 +335,7 @@ def test_state_changed_during_background_staging_is_never_committed(
 
     state = toy_state(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DefaultStager, "stage", held)
+        mp.setattr(StateDictStager, "stage", held)
         manager.save(1, state, meta={}, background_staging=True)
         assert started.wait(GATE_TIMEOUT_SECONDS)
         state["model"]["w"].add_(1.0)  # no wait_staged(): the copy may be torn

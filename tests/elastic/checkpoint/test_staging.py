@@ -33,6 +33,24 @@ def test_second_stage_copies_into_the_first_stages_buffers() -> None:
     stager.close()
 
 
+def test_the_copy_cache_stays_open_between_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.11's DefaultStager closed its StateDictStager after every stage, and the next
+    stage raised ``KeyError: <class 'type'>`` (pytorch#183413, seen on an H100): only
+    ``ReusingStager.close`` may close it."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    closed: list[int] = []
+    real_close = StateDictStager.close
+    monkeypatch.setattr(StateDictStager, "close", lambda self: closed.append(1) or real_close(self))
+    stager = ReusingStager()
+    state = _state()
+    for _ in range(3):
+        assert isinstance(stager.stage(state), dict)
+    assert closed == []
+    stager.close()
+    assert closed == [1]
+
+
 def test_inline_stage_is_a_copy_unaffected_by_later_writes() -> None:
     stager = ReusingStager()
     state = _state()
