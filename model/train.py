@@ -10,7 +10,7 @@ function of (seed, stage, s, data ledger), so resuming at any world size is exac
 
 Exit codes: 0 done, 2 bad configuration, 3 diverged (rewind budget spent), 4 drained (a
 checkpoint was committed at a step boundary because the daemon asked: the group is changing),
-other non-zero for failures.
+1 an error escaped (traceback on stderr), other non-zero (signals) for failures.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from model.gpt import GPT
 from model.ledger import LrWindow, RunLedger
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # an error escaped the loop (its traceback is on stderr)
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_DRAINED = 4  # checkpoint committed at a step boundary for a group change; not "done"
@@ -590,6 +592,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown(clean=code in (EXIT_OK, EXIT_DRAINED, EXIT_DIVERGED))
 
 
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """:func:`main`, with an escaping error printed and turned into ``EXIT_FAILED``.
+
+    The process then leaves through :func:`distributed.exit_now` on every path, error included,
+    so no interpreter or C++ teardown can keep a failed worker alive: on an H100 (NCCL, torch
+    2.11) a worker whose checkpoint save raised was still running 400 s later.
+    """
+    try:
+        code = main(argv)  # torch's @record turns SystemExit(0) (--help) into None
+        return EXIT_OK if code is None else code
+    except SystemExit as exc:  # argparse: --help, bad arguments
+        return (
+            exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_FAILED
+        )
+    except BaseException:  # reported here; the exit code says it failed
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
 if __name__ == "__main__":
     # Everything durable (checkpoints, ledger, logs) is written by now.
-    distributed.exit_now(main())
+    distributed.exit_now(run_main())
