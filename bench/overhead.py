@@ -21,6 +21,14 @@ that import torch (a few CPU seconds each, once per round) to cut restart latenc
 of a full run opens at the first step after the spare workers' CPU stopped growing (and not
 before step ``WARMUP``). The figure is the median of the per-pair ratios full / bare.
 
+In-process A/B: every fresh pair of worker processes runs at its own speed on this VM (the
+same job without any daemon measured 296-376 ms per step across seven runs), which no
+handful of pairs averages out. So one more full run of ``FREEZE_STEPS`` steps stops the
+daemon and its etcd with SIGSTOP in every other ``FREEZE_WINDOW_SECONDS`` s window
+(``FREEZE_COUNT`` frozen windows, each between two running ones) and compares the median step
+gap of each frozen window with its neighbours': the daemon's interference with the same two
+workers.
+
 Daemon CPU: ``utime + stime`` of the ``elasticd`` process and of its embedded etcd child,
 sampled from ``/proc`` every 0.2 s over the same window, per training step: the direct cost
 of the daemon on the cores the workers share.
@@ -32,17 +40,19 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import Section, Target, children, cmdline, fmt, spread, table
 from model.prepare import ensure_demo
-from tests.support.daemons import start_daemon, tiny_job
+from tests.support.daemons import Daemon, start_daemon, tiny_job
 from tests.support.procs import events, running, write_config
 
 TITLE = "5. Overhead of the full stack"
@@ -54,6 +64,10 @@ WARMUP = 30
 PAIRS = 4
 INTERVAL = 50
 SAMPLE_SECONDS = 0.2
+# In-process A/B: one full run, the daemon and its etcd frozen (SIGSTOP) in every other window.
+FREEZE_COUNT = 8  # frozen windows, each between two running ones
+FREEZE_WINDOW_SECONDS = 5.0  # well under the 10 s lease TTL: no lease can lapse while frozen
+FREEZE_STEPS = 450  # warm-up plus 2 x FREEZE_COUNT + 1 windows at ~3 steps/s, with room
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
@@ -230,6 +244,93 @@ def full(work: Path, demo: Path, i: int) -> Run:
         daemon.stop()
 
 
+@dataclass
+class Freeze:
+    """Median step gap of each frozen window and of the running windows either side of it."""
+
+    frozen_gap_seconds: list[float] = field(default_factory=list)
+    running_gap_seconds: list[float] = field(default_factory=list)  # one more than frozen
+
+    def ratios(self) -> list[float]:
+        """Per frozen window: steps/s running (mean of its two neighbours) / steps/s frozen."""
+        running = self.running_gap_seconds
+        return [
+            frozen / ((running[i] + running[i + 1]) / 2)
+            for i, frozen in enumerate(self.frozen_gap_seconds)
+        ]
+
+
+def median_gap(rows: list[dict[str, Any]], start: float, end: float) -> float:
+    """Median time between consecutive steps logged inside (start, end]."""
+    stamps = sorted(r["ts"] for r in rows if start < r["ts"] <= end)
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps))
+
+
+def frozen_windows(work: Path, demo: Path, frozen_count: int) -> Freeze:
+    """The daemon's cost without the run-to-run noise: one worker group, one full run, the
+    daemon and its etcd stopped (SIGSTOP) and continued in alternate windows.
+
+    Freezing them takes away everything they do while workers train (polls, keep-alives, log
+    relaying, etcd's ticks) and nothing the workers do themselves (guard, heartbeats, async
+    checkpoints), so the ratio is the daemon's interference alone, within the same two
+    processes. Windows alternate running, frozen, running, ... and end running: each frozen
+    window is compared with the mean of its two neighbours, so a drift in machine speed
+    favours neither side, and no two frozen windows touch (a node frozen for a lease TTL is
+    gone). Each window is measured from half a second in (a step under way when the state
+    changed belongs to neither); its median step gap ignores its one checkpoint step, if any.
+    Step lines carry the workers' own ``ts``: the daemon relays a frozen window's lines late
+    but unchanged.
+    """
+    name = "freeze"
+    daemon = start_daemon(
+        doc(work, demo, name, steps=FREEZE_STEPS, full=True), name="a", log_dir=work / name / "logs"
+    )
+    standby = StandbyWatch(daemon.proc.pid, work / name / "run")
+    watch = standby.start()
+    frozen: list[int] = []
+    windows: list[tuple[float, float]] = []
+    try:
+
+        def warm() -> bool:
+            return any(r["step"] >= WARMUP for r in daemon.events("step")) and not watch.is_alive()
+
+        wait_for(warm, daemon, what="a warm steady state")
+        etcd = [c for c in children(daemon.proc.pid) if "etcd" in cmdline(c).split(" ", 1)[0]]
+        frozen = [daemon.proc.pid, *etcd]
+        for index in range(2 * frozen_count + 1):
+            signal_all(frozen, signal.SIGSTOP if index % 2 else signal.SIGCONT)
+            start = time.time()
+            time.sleep(FREEZE_WINDOW_SECONDS)  # the window is the measurement
+            windows.append((start + 0.5, time.time()))
+        last = windows[-1][1]
+        wait_for(
+            lambda: any(r["ts"] > last for r in daemon.events("step")), daemon, what="the relay"
+        )
+        if len(daemon.events("workers_started")) != 1:
+            raise RuntimeError("the workers were restarted during the freeze run")
+        rows = daemon.events("step")
+        gaps = [median_gap(rows, start, end) for start, end in windows]
+        return Freeze(frozen_gap_seconds=gaps[1::2], running_gap_seconds=gaps[0::2])
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+        daemon.stop()
+
+
+def wait_for(condition: Callable[[], bool], daemon: Daemon, *, what: str) -> None:
+    """Poll ``condition`` every 0.2 s for up to 300 s while the daemon lives."""
+    deadline = time.monotonic() + 300
+    while not condition():
+        if time.monotonic() > deadline or daemon.proc.poll() is not None:
+            raise RuntimeError(f"the freeze run never reached {what}")
+        time.sleep(0.2)
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def run(work: Path, *, quick: bool) -> Section:
     demo = work / "demo"
     ensure_demo(demo)
@@ -246,10 +347,11 @@ def run(work: Path, *, quick: bool) -> Section:
                 file=sys.stderr,
                 flush=True,
             )
-    return section(runs, quick=quick)
+    freeze = frozen_windows(work, demo, 2 if quick else FREEZE_COUNT)
+    return section(runs, freeze, quick=quick)
 
 
-def section(runs: dict[str, list[Run]], *, quick: bool) -> Section:
+def section(runs: dict[str, list[Run]], freeze: Freeze, *, quick: bool) -> Section:
     ratios = [
         f.steps_per_second / b.steps_per_second
         for f, b in zip(runs["full"], runs["bare"], strict=True)
@@ -272,6 +374,9 @@ def section(runs: dict[str, list[Run]], *, quick: bool) -> Section:
         ("INTERVAL", INTERVAL),
         ("PAIRS", 1 if quick else PAIRS),
         ("STEPS", STEPS),
+        ("FREEZE_STEPS", FREEZE_STEPS),
+        ("FREEZE_WINDOW_SECONDS", f"{FREEZE_WINDOW_SECONDS:.0f}"),
+        ("FREEZE_COUNT", 2 if quick else FREEZE_COUNT),
     ):
         intro = intro.replace(f"``{name}``", str(value))
     cpu_line = (
@@ -308,6 +413,7 @@ def section(runs: dict[str, list[Run]], *, quick: bool) -> Section:
             f"step each): {statistics.median(gap_ratios):.3f}x "
             f"(per pair: {', '.join(f'{r:.3f}' for r in gap_ratios)}).",
             cpu_line,
+            freeze_line(freeze),
         ]
     )
     target = Target("full-stack throughput", ">= 0.97x bare loop", f"{ratio:.3f}x", ratio >= 0.97)
@@ -318,8 +424,32 @@ def section(runs: dict[str, list[Run]], *, quick: bool) -> Section:
             f"periodic async checkpoints (bare: none in the window) and run-to-run noise "
             f"(per-pair ratios {min(ratios):.2f} - {max(ratios):.2f})"
         )
+    freeze_ratio = statistics.median(freeze.ratios())
+    interference = Target(
+        "daemon interference (in-process)",
+        ">= 0.97x frozen daemon",
+        f"{freeze_ratio:.3f}x",
+        freeze_ratio >= 0.97,
+    )
     data = {kind: [vars(r) for r in values] for kind, values in runs.items()} | {
         "pair_ratios": ratios,
         "median_ratio": ratio,
+        "freeze": vars(freeze) | {"ratios": freeze.ratios(), "median_ratio": freeze_ratio},
     }
-    return Section("overhead", TITLE, body, [target], data=data)
+    return Section("overhead", TITLE, body, [target, interference], data=data)
+
+
+def freeze_line(freeze: Freeze) -> str:
+    ratios = freeze.ratios()
+    running = statistics.median(freeze.running_gap_seconds)
+    frozen = statistics.median(freeze.frozen_gap_seconds)
+    return (
+        f"In-process A/B (one full run, daemon and etcd frozen with SIGSTOP in every other "
+        f"{FREEZE_WINDOW_SECONDS:.0f} s window, {len(ratios)} frozen windows): steps/s with the "
+        f"daemon running (the two neighbouring windows) / frozen, median over frozen windows "
+        f"**{statistics.median(ratios):.3f}x** (per window: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); median step {running * 1000:.0f} "
+        f"ms running, {frozen * 1000:.0f} ms frozen. Same worker processes on both sides, so "
+        f"this is the daemon's cost free of the run-to-run spread above; the worker-side parts "
+        f"of the stack (guard, heartbeats, async checkpoints) run in both windows."
+    )
