@@ -283,9 +283,9 @@ class GPT(nn.Module):
         block runs): compile time is one block's, not the unrolled network's. In place
         (``Module.compile``), so parameter names, FSDP2 sharding and checkpoints are unchanged;
         call it after ``fully_shard`` (FSDP2's hooks then stay eager, outside the graph). The
-        loss is compiled too: in eager mode its float32 ``(B, T, V)`` passes cost a tenth of a
-        350M step. Shapes are static (``dynamic=False``): a new batch or sequence shape
-        compiles once more.
+        loss is compiled too: in eager mode each of its float32 ops is a separate pass over the
+        ``(B, T, V)`` logits; compiled, they fuse. Shapes are static (``dynamic=False``): a new
+        batch or sequence shape compiles once more.
         """
         for block in self.blocks:
             block.compile(backend=backend, dynamic=False)

@@ -596,8 +596,9 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     """:func:`main`, with an escaping error printed and turned into ``EXIT_FAILED``.
 
     The process then leaves through :func:`distributed.exit_now` on every path, error included,
-    so no interpreter or C++ teardown can keep a failed worker alive: on an H100 (NCCL, torch
-    2.11) a worker whose checkpoint save raised was still running 400 s later.
+    so no interpreter or C++ teardown can keep a failed worker alive. On an H100 (NCCL, torch
+    2.11) a benchmark's worker whose async save had failed did not exit within 400 s; which
+    part of the teardown held it was not isolated.
     """
     try:
         code = main(argv)  # torch's @record turns SystemExit(0) (--help) into None
