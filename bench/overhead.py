@@ -140,6 +140,11 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
 
 
+def etcd_children(pid: int) -> list[int]:
+    """The embedded etcd process(es) the daemon ``pid`` started."""
+    return [c for c in children(pid) if "etcd" in cmdline(c).split(" ", 1)[0]]
+
+
 @dataclass
 class CpuSampler:
     """Samples (unix time, daemon CPU s, etcd CPU s) until the daemon is gone."""
@@ -156,10 +161,7 @@ class CpuSampler:
     def _loop(self) -> None:
         while True:
             if self._etcd is None:
-                self._etcd = next(
-                    (c for c in children(self.pid) if "etcd" in cmdline(c).split(" ", 1)[0]),
-                    None,
-                )
+                self._etcd = next(iter(etcd_children(self.pid)), None)
             now = time.time()
             daemon = cpu_seconds(self.pid)
             if daemon is None:
@@ -299,8 +301,7 @@ def frozen_windows(work: Path, demo: Path, frozen_count: int) -> Freeze:
             return any(r["step"] >= WARMUP for r in daemon.events("step")) and not watch.is_alive()
 
         wait_for(while_alive(daemon, warm), timeout_seconds=300, what="a warm steady state")
-        etcd = [c for c in children(daemon.proc.pid) if "etcd" in cmdline(c).split(" ", 1)[0]]
-        frozen = [daemon.proc.pid, *etcd]
+        frozen = [daemon.proc.pid, *etcd_children(daemon.proc.pid)]
         for index in range(2 * frozen_count + 1):
             signal_all(frozen, signal.SIGSTOP if index % 2 else signal.SIGCONT)
             start = time.time()
