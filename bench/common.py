@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -87,6 +88,28 @@ def spread(values: Sequence[float]) -> dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.9) -> tuple[float, float, float]:
+    """(low, high, coverage): the narrowest interval between order statistics that holds the
+    true median with probability >= ``confidence`` whatever the distribution (sign-test
+    interval; ``coverage`` is its exact probability). With too few values for ``confidence``
+    it is (min, max) and its own, lower, coverage. Written out here rather than taken from
+    scipy, which the project does not otherwise need.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        nan = float("nan")
+        return nan, nan, 0.0
+
+    def coverage(k: int) -> float:  # P(k <= Binomial(n, 1/2) <= n - k - 1), 0-based order k
+        return sum(math.comb(n, i) for i in range(k + 1, n - k)) / 2**n
+
+    k = 0
+    while k + 1 < n - k - 1 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k], ordered[n - k - 1], coverage(k)
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
