@@ -6,7 +6,8 @@ directory without a manifest is not a checkpoint. See ``docs/checkpoints.md``.
 Modules: ``config`` (the YAML section), ``storage`` (the only fsspec importer), ``manifest``
 (commit record), ``retention`` (pure deletion policy), ``collective`` (rank-0-decides
 broadcasts), ``manager`` (save/load/retire), ``staging`` (async-save CPU copies, reused),
-``app_state`` (model + optimizer state helpers), ``errors``.
+``app_state`` (model + optimizer state helpers), ``priority`` (niceness of async-save
+threads), ``errors``.
 """
 
 from elastic.checkpoint.app_state import app_state, restore_app_state

@@ -25,6 +25,9 @@ class CheckpointConfig:
     """Committed checkpoints kept by retention (>= 2; the newest known-good is kept on top)."""
     async_save: bool = field(default=False, metadata={"key": "async"})
     """Write in the background (DCP async_save); the manifest lands when the write completes."""
+    background_nice: int = 19
+    """Niceness (0-19, Linux) of the threads that plan and write an async save: above the
+    trainer's, so the write takes idle CPU time before time from training. 0: same priority."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the fsspec filesystem (e.g. ``endpoint_url``, ``key``, ``secret``)."""
 
@@ -32,3 +35,9 @@ class CheckpointConfig:
         check(bool(self.url.strip()), "url", self.url, "must not be empty")
         check(self.interval_steps > 0, "interval_steps", self.interval_steps, "must be > 0")
         check(self.keep_last >= 2, "keep_last", self.keep_last, "must be >= 2")
+        check(
+            0 <= self.background_nice <= 19,
+            "background_nice",
+            self.background_nice,
+            "must be in 0..19",
+        )

@@ -135,7 +135,7 @@ class CheckpointManager:
         self.wait()
         started = time.monotonic()
         self._group.decide(lambda: self._prepare(step))
-        writer = self._storage.writer(self._rel(step))
+        writer = self._storage.writer(self._rel(step), background_nice=self.config.background_nice)
         if not self.config.async_save:
             self._write(step, state, writer)
             self._group.decide(lambda: self._commit(step, meta, started=started))

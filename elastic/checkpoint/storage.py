@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from elastic.checkpoint.errors import CheckpointNotFound, storage_error
+from elastic.checkpoint.priority import BackgroundPriority
 from elastic.checkpoint.writeback import WritebackFile
 from elastic.files import replace_file
 
@@ -128,14 +129,16 @@ class Storage:
             except FileNotFoundError:
                 return  # removed concurrently: the outcome asked for holds
 
-    def writer(self, rel_dir: str) -> FsspecWriter:
-        """A DCP storage writer for the checkpoint directory ``rel_dir``."""
+    def writer(self, rel_dir: str, *, background_nice: int = 0) -> FsspecWriter:
+        """A DCP storage writer for the checkpoint directory ``rel_dir``; threads other than
+        the caller's that use it (an async save's) run at niceness ``background_nice``."""
         url = self.join(rel_dir)
         with self._wrapped(f"open writer {url}", reading=False):
             # fsync only means something on local disk; elsewhere DCP would fall back to a
             # machine-wide os.sync() per file, which is slow and buys nothing.
             return _Writer(
                 url,
+                priority=BackgroundPriority(background_nice),
                 single_file_per_rank=True,
                 sync_files=self._local,
                 thread_count=WRITE_THREADS,
@@ -207,13 +210,21 @@ class _Writer(FsspecWriter):
     restored after.
     """
 
-    def __init__(self, url: str, *, sync_files: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, url: str, *, priority: BackgroundPriority, sync_files: bool, **kwargs: Any
+    ) -> None:
         super().__init__(url, sync_files=sync_files, **kwargs)
+        self._priority = priority
         if sync_files:  # local disk: the files are real files with a page cache
             # DCP annotates ``fs`` as its local FileSystem; FsspecWriter already stores its own.
             self.fs = _WritebackFileSystem.wrapping(self.fs)  # type: ignore[assignment]
 
+    def set_up_storage_writer(self, *args: Any, **kwargs: Any) -> None:
+        self._priority.apply()  # the first call DCP makes in an async save's thread
+        super().set_up_storage_writer(*args, **kwargs)
+
     def write_data(self, plan: Any, planner: Any) -> Any:
+        self._priority.apply()  # before the write threads start: they inherit it
         with _without_crc32():
             return super().write_data(plan, planner)
 

@@ -12,6 +12,13 @@ def test_defaults_are_valid() -> None:
     assert config.keep_last == 4  # the smallest that satisfies the rewind retention rule
     assert config.async_save is False
     assert config.storage_options == {}
+    assert config.background_nice == 19
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_background_nice_outside_0_to_19_is_rejected(nice: int) -> None:
+    with pytest.raises(ValueError, match=rf"^background_nice={nice}: must be in 0\.\.19$"):
+        CheckpointConfig(background_nice=nice)
 
 
 def test_yaml_key_async_sets_async_save() -> None:

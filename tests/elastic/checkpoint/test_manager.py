@@ -399,7 +399,7 @@ def test_async_write_failure_surfaces_on_wait_and_commits_nothing(local: Backend
 def test_sync_write_failure_raises_storage_error(local: Backend) -> None:
     manager = local.manager()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(local.storage().__class__, "writer", lambda self, rel: _BrokenWriter())
+        mp.setattr(local.storage().__class__, "writer", lambda self, rel, **_: _BrokenWriter())
         with pytest.raises(CheckpointError):
             manager.save(1, toy_state(1), meta={})
     assert manager.list() == []
