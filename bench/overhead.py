@@ -28,8 +28,9 @@ before step ``WARMUP``). The direct figure is the median of the per-pair ratios 
 In-process A/B: every fresh pair of worker processes runs at its own speed on this VM (the
 same job without any daemon measured 296-376 ms per step across seven runs, and 330-418 ms
 in fourteen later runs; pinning each rank to its own core or turning off address-space
-randomisation did not narrow it), which no handful of pairs averages out (the ``CONFIDENCE``
-interval for the median of the per-pair ratios is reported with it). So one more full run
+randomisation did not narrow it), which no handful of pairs averages out (an interval for
+the median of the per-pair ratios, of at least ``CONFIDENCE`` coverage, is reported with it).
+So one more full run
 of ``FREEZE_STEPS`` steps stops the daemon and its etcd with SIGSTOP in every other
 ``FREEZE_WINDOW_SECONDS`` s window (``FREEZE_COUNT`` frozen windows, each between two running
 ones) and compares the median step gap of each frozen window with its neighbours': the
@@ -420,13 +421,17 @@ class Estimate:
         )
 
 
+def per_pair(runs: dict[str, list[Run]], ratio: Callable[[Run, Run], float]) -> list[float]:
+    """``ratio(full, bare)`` for each pair of runs."""
+    return [ratio(f, b) for f, b in zip(runs["full"], runs["bare"], strict=True)]
+
+
 def estimate(runs: dict[str, list[Run]], freeze: Freeze) -> Estimate:
     shares = {kind: statistics.median(typical_share(r) for r in v) for kind, v in runs.items()}
     return Estimate(
-        pair_ratios=[
-            f.steps_per_second / b.steps_per_second
-            for f, b in zip(runs["full"], runs["bare"], strict=True)
-        ],
+        pair_ratios=per_pair(
+            runs, lambda full, bare: full.steps_per_second / bare.steps_per_second
+        ),
         daemon_ratio=statistics.median(freeze.ratios()),
         slow_step_ratio=shares["full"] / shares["bare"],
     )
@@ -435,10 +440,9 @@ def estimate(runs: dict[str, list[Run]], freeze: Freeze) -> Estimate:
 def section(runs: dict[str, list[Run]], freeze: Freeze, *, quick: bool) -> Section:
     result = estimate(runs, freeze)
     ratios = result.pair_ratios
-    gap_ratios = [
-        b.median_gap_seconds / f.median_gap_seconds
-        for f, b in zip(runs["full"], runs["bare"], strict=True)
-    ]
+    gap_ratios = per_pair(
+        runs, lambda full, bare: bare.median_gap_seconds / full.median_gap_seconds
+    )
     median, low, high, coverage = result.pairs
     daemon_cpu = [r.daemon_cpu_per_step for r in runs["full"] if r.daemon_cpu_per_step is not None]
     etcd_cpu = [r.etcd_cpu_per_step for r in runs["full"] if r.etcd_cpu_per_step is not None]
