@@ -50,13 +50,14 @@ def test_an_etcd_outage_does_not_stop_training(
     tmp_path: Path, demo_corpus: Path, etcd_factory: object
 ) -> None:
     etcd: EtcdServer = etcd_factory()  # type: ignore[operator]
+    ttl_seconds = 10
     doc = tiny_job(
         tmp_path,
         demo_corpus,
         endpoint=etcd.endpoint,
         run_id="outage",
         nodes={"min": 2, "max": 2},
-        etcd={"ttl_seconds": 10},
+        etcd={"ttl_seconds": ttl_seconds},
         train={"steps": 100000},
     )
     with daemons() as group:
@@ -73,13 +74,18 @@ def test_an_etcd_outage_does_not_stop_training(
             timeout_seconds=30,
             what="daemons reconnecting",
         )
+        # Steps past one lease TTL after etcd is back: a lease lost to the outage would have
+        # expired by then and forced a new round.
         wait_for(
-            lambda: [r for r in merged_steps(*group) if r["ts"] > back_at + 2],
-            timeout_seconds=30,
-            what="steps after the outage",
+            lambda: [r for r in merged_steps(*group) if r["ts"] > back_at + ttl_seconds + 2],
+            timeout_seconds=60,
+            what="steps a lease TTL after the outage",
         )
+        # Read before the teardown: killing one daemon breaks the other's collectives, and
+        # that restart belongs to the teardown, not to the outage.
+        restarts = [r for d in group for r in d.events("restart")]
     assert len(during) >= 10, "steps must keep completing while etcd is down"
-    assert all(not d.events("restart") for d in group)
+    assert not restarts, f"the outage caused restarts: {restarts}"
 
 
 def test_a_crash_loop_stops_at_the_budget_marks_the_run_failed_and_keeps_healthz(
