@@ -20,11 +20,16 @@ stream errors without telling callbacks (we run our own watch stream on ``etcdrp
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+
+# Read once when grpc loads. Its core logs e.g. a failed TLS handshake at INFO on stderr, ahead
+# of our own error (elasticctl's one line, the daemon's JSON); GRPC_VERBOSITY set by the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import etcd3
 import etcd3.exceptions
