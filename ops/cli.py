@@ -1,6 +1,7 @@
 """``elasticctl``: read and steer a running elasticd run through etcd.
 
-    elasticctl [--etcd ENDPOINTS] [--run-id ID] [--key-prefix P] COMMAND
+    elasticctl [--config FILE] [--etcd ENDPOINTS] [--run-id ID] [--key-prefix P]
+               [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--user NAME] COMMAND
 
     status [--json]                  the run's state, round, members, world size, last step
     events [--limit N] [--json]      the run's bounded event log (oldest first)
@@ -10,6 +11,14 @@
     rewind --to-step N               rewind to the committed checkpoint of step N
     report --log FILE... --out PNG   loss and grad norm over steps, with events marked
 
+Where the run is: ``--config`` reads the job's config file as the daemon does (its ``run_id``
+and ``etcd`` section, with the same ``ELASTICD_*`` environment overrides, so inside a pod
+``elasticctl --config /etc/elasticd/config.yaml status`` finds the etcd, its TLS files and the
+user and password the daemon uses); a run on the embedded etcd is found through the endpoint
+file its daemon writes under ``run_dir``. Flags override the file. Without either the target
+is ``127.0.0.1:2379``, run ``demo``. The password is never a flag (it would show in the process
+list): ``etcd.password`` in the file or ``ELASTICD_ETCD__PASSWORD``.
+
 Control requests are written to the run's control key in etcd, which every daemon watches;
 they take effect at the next step boundary. Bad usage: one line on stderr, exit code 2.
 """
@@ -17,30 +26,44 @@ they take effect at the next step boundary. Bad usage: one line on stderr, exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from daemon.config import DaemonConfig
+from daemon.embedded_etcd import published_endpoint
 from elastic.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+from elastic.config import build, check_name, layered
 from elastic.rendezvous import EtcdConfig, EtcdRendezvousError, RunStore, connect
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+DEFAULT_ENDPOINT = "127.0.0.1:2379"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elasticctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--config", default=None, help="the job's config file (run_id, etcd)")
     parser.add_argument(
         "--etcd",
-        default="127.0.0.1:2379",
-        help="comma-separated etcd endpoints (default 127.0.0.1:2379)",
+        default=None,
+        help=f"comma-separated etcd endpoints (default: from --config, else {DEFAULT_ENDPOINT})",
     )
-    parser.add_argument("--run-id", default="demo")
-    parser.add_argument("--key-prefix", default="/elasticd")
+    parser.add_argument("--run-id", default=None, help="default: from --config, else demo")
+    parser.add_argument("--key-prefix", default=None, help="default: from --config, else /elasticd")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed etcd's cert")
+    parser.add_argument("--tls-cert", default=None, help="client certificate (PEM), with --tls-key")
+    parser.add_argument("--tls-key", default=None, help="client key (PEM), with --tls-cert")
+    parser.add_argument(
+        "--user", default=None, help="etcd user; password from ELASTICD_ETCD__PASSWORD"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status")
     status.add_argument("--json", action="store_true")
@@ -71,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return write_report(args.log, args.out)
     try:
+        args.run_id, args.etcd_config = target(args, os.environ)
         return _COMMANDS[args.command](args)
     except ValueError as exc:
         print(f"elasticctl: {exc}", file=sys.stderr)
@@ -80,12 +104,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def target(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, EtcdConfig]:
+    """The run id and etcd settings: config file and environment as the daemon reads them,
+    then the flags; a ConfigError (a ValueError) names the key and value."""
+    job = build(DaemonConfig, layered(args.config, environ=environ))
+    run_id = job.run_id if args.run_id is None else args.run_id
+    check_name("--run-id", run_id)
+    flags = {
+        "key_prefix": args.key_prefix,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "user": args.user,
+    }
+    if args.etcd is not None:
+        flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    fields = dataclasses.asdict(job.etcd) | {k: v for k, v in flags.items() if v is not None}
+    if not fields["endpoints"]:
+        embedded = published_endpoint(Path(job.run_dir)) if args.config else None
+        fields["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
+    if fields["user"] is not None and fields["password"] is None:
+        raise ValueError(f"--user={fields['user']}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
+    return run_id, EtcdConfig(**fields)
+
+
 def _store(args: argparse.Namespace) -> RunStore:
-    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
-    config = EtcdConfig(
-        endpoints=endpoints, key_prefix=args.key_prefix, connect_timeout_seconds=5.0
-    )
-    return RunStore(connect(config), run_id=args.run_id, key_prefix=args.key_prefix)
+    config: EtcdConfig = args.etcd_config
+    return RunStore(connect(config), run_id=args.run_id, key_prefix=config.key_prefix)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

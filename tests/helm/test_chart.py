@@ -373,7 +373,8 @@ def test_notes_tell_how_to_see_status_scale_and_find_the_dashboard() -> None:
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} get pods -l app.kubernetes.io/instance={RELEASE}" in notes
-    assert f"elasticctl --etcd {FULLNAME}-etcd:2379 --run-id {RELEASE} status" in notes
+    ctl = "elasticctl --config /etc/elasticd/config.yaml status"
+    assert f"exec {FULLNAME}-0 -c elasticd -- {ctl}" in notes
     assert f"kubectl -n {NAMESPACE} scale statefulset/{FULLNAME} --replicas=N" in notes
     assert f"ConfigMap {FULLNAME}-dashboard in namespace monitoring" in notes
     assert "terminationGracePeriodSeconds=150" in notes

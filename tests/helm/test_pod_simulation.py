@@ -128,11 +128,26 @@ class Cluster:
         (self.config_dir / "config.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
         self.pods: list[Pod] = []
 
-    def _args(self) -> list[str]:
+    def _local(self, command: list[str]) -> list[str]:
+        """The command with paths under the config mount moved to the ConfigMap stand-in."""
         prefix = self.config_mount.rstrip("/") + "/"
         local = str(self.config_dir) + "/"
-        command = [*self.container["command"], *self.container["args"]]
         return [a.replace(prefix, local) if a.startswith(prefix) else a for a in command]
+
+    def _args(self) -> list[str]:
+        return self._local([*self.container["command"], *self.container["args"]])
+
+    def exec(self, pod: Pod, command: list[str]) -> subprocess.CompletedProcess[str]:
+        """``kubectl exec <pod> -c elasticd -- command``: the container's env and mounts."""
+        return subprocess.run(
+            self._local(command),
+            cwd=self.tmp_path,
+            env=self._env(pod.name),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def _standins(self, pod: str) -> dict[str, str]:
         run_dir = self.tmp_path / pod / "run"
@@ -230,6 +245,15 @@ def _wait_world_size(
     return int(rows[0]["step"])
 
 
+def _running_status(
+    proc: subprocess.CompletedProcess[str], *, world_size: int
+) -> dict[str, Any] | None:
+    assert proc.returncode == 0, proc.stderr
+    status: dict[str, Any] = json.loads(proc.stdout)
+    running = status.get("state") == "running" and status.get("world_size") == world_size
+    return status if running else None
+
+
 def _wait_exit(cluster: Cluster, pod: Pod, *, timeout_seconds: float) -> tuple[int, float]:
     started = time.monotonic()
     try:
@@ -253,6 +277,14 @@ def test_rendered_pods_train_scale_up_and_drain_within_the_grace_period(
         first = cluster.start(0)
         cluster.start(1)
         _wait_world_size(cluster, 2, after=started, timeout_seconds=START_TIMEOUT_SECONDS)
+        # The NOTES' status command, in a pod: etcd and run id come from the pod's config.
+        ctl = ["elasticctl", "--config", "/etc/elasticd/config.yaml", "status", "--json"]
+        status = wait_for(
+            lambda: _running_status(cluster.exec(first, ctl), world_size=2),
+            timeout_seconds=30,
+            what="elasticctl status in a pod: running at world size 2",
+        )
+        assert set(status["members"]) == {p.name for p in cluster.pods}
 
         scaled_up = time.time()  # kubectl scale --replicas=3
         third = cluster.start(2)

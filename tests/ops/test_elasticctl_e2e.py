@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,22 +18,14 @@ from tests.support.daemons import (
     wait_world_size,
 )
 from tests.support.etcd import EtcdServer, etcd_server
-from tests.support.procs import REPO, base_env, wait_for
+from tests.support.procs import elasticctl, wait_for
 
 __all__ = ["etcd_server"]
 pytestmark = pytest.mark.slow
 
 
 def ctl(endpoint: str, run_id: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", "--etcd", endpoint, "--run-id", run_id, *args],
-        cwd=REPO,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return elasticctl("--etcd", endpoint, "--run-id", run_id, *args)
 
 
 def test_elasticctl_reads_and_steers_a_running_group(

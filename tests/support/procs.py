@@ -21,6 +21,21 @@ from daemon.ports import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def elasticctl(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``elasticctl`` (``python -m ops.cli``) from the repository root, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args],
+        cwd=REPO,
+        env=base_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def write_config(path: Path, document: Mapping[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(dict(document), sort_keys=False), encoding="utf-8")
     return path

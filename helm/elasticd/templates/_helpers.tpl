@@ -89,6 +89,10 @@ app.kubernetes.io/component: etcd
 
 {{- define "elasticd.etcd.tlsDir" -}}/etc/elasticd-tls/etcd{{- end -}}
 
+{{/* The job config inside the pod: elasticd runs it, elasticctl --config reads it. */}}
+{{- define "elasticd.configDir" -}}/etc/elasticd{{- end -}}
+{{- define "elasticd.configPath" -}}{{ include "elasticd.configDir" . }}/config.yaml{{- end -}}
+
 {{/* Client URLs of etcd, one per bundled member (failover), or the external ones. */}}
 {{- define "elasticd.etcd.endpoints" -}}
 {{- $endpoints := list -}}

@@ -3,8 +3,6 @@ user/password authentication."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from elastic.rendezvous import EtcdAuthError, EtcdTlsError, connect, create_handler
 from tests.elastic.rendezvous.conftest import etcd_config, form_round
-from tests.support.etcd import EtcdFactory, EtcdServer, etcd_binary, make_tls_files
+from tests.support.etcd import EtcdFactory, enable_auth, make_tls_files
 
 
 def test_tls_client_certificate_is_required_and_sufficient(
@@ -44,13 +42,6 @@ def test_tls_client_certificate_is_required_and_sufficient(
     finally:
         for handler in handlers:
             handler.shutdown()
-
-
-def enable_auth(server: EtcdServer, password: str) -> None:
-    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
-    for args in (["user", "add", f"root:{password}"], ["auth", "enable"]):
-        cmd = [etcdctl, f"--endpoints={server.endpoint}", *args]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=30)
 
 
 def test_user_password_auth_is_enforced_and_survives_a_restart(
