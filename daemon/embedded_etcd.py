@@ -106,9 +106,9 @@ class EmbeddedEtcd:
         raise EmbeddedEtcdError(f"etcd not ready on {self.endpoint} in {self._timeout}s")
 
     def stop(self) -> None:
+        (self.data_dir / ENDPOINT_FILE).unlink(missing_ok=True)
         if self._proc is None or self._proc.poll() is not None:
             return
-        (self.data_dir / ENDPOINT_FILE).unlink(missing_ok=True)
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)

@@ -15,7 +15,8 @@ Where the run is: ``--config`` reads the job's config file as the daemon does (i
 and ``etcd`` section, with the same ``ELASTICD_*`` environment overrides, so inside a pod
 ``elasticctl --config /etc/elasticd/config.yaml status`` finds the etcd, its TLS files and the
 user and password the daemon uses); a run on the embedded etcd is found through the endpoint
-file its daemon writes under ``run_dir``. Flags override the file. Without either the target
+file its daemon writes under ``run_dir`` (``./runs/demo`` unless configured). Flags override
+the file. Without either the target
 is ``127.0.0.1:2379``, run ``demo``. The password is never a flag (it would show in the process
 list): ``etcd.password`` in the file or ``ELASTICD_ETCD__PASSWORD``.
 
@@ -119,13 +120,14 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, E
     }
     if args.etcd is not None:
         flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
-    fields = dataclasses.asdict(job.etcd) | {k: v for k, v in flags.items() if v is not None}
-    if not fields["endpoints"]:
-        embedded = published_endpoint(Path(job.run_dir)) if args.config else None
-        fields["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
-    if fields["user"] is not None and fields["password"] is None:
-        raise ValueError(f"--user={fields['user']}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
-    return run_id, EtcdConfig(**fields)
+    if not (args.etcd or job.etcd.endpoints):  # the daemon runs an embedded etcd, if any
+        embedded = published_endpoint(Path(job.run_dir))
+        flags["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
+    if args.user is not None and job.etcd.password is None:
+        raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
+    return run_id, dataclasses.replace(
+        job.etcd, **{k: v for k, v in flags.items() if v is not None}
+    )
 
 
 def _store(args: argparse.Namespace) -> RunStore:

@@ -55,8 +55,8 @@ def test_flags_override_the_config_file_and_its_environment(tmp_path: Path) -> N
     assert config.key_prefix == "/file"  # not overridden: the file's value stays
 
 
-def test_without_config_or_flags_the_target_is_the_local_default() -> None:
-    run_id, config = resolve([])
+def test_without_config_or_flags_the_target_is_the_local_default(tmp_path: Path) -> None:
+    run_id, config = resolve([], {"ELASTICD_RUN_DIR": str(tmp_path)})  # no embedded etcd there
     assert (run_id, config.endpoints, config.key_prefix) == (
         "demo",
         ("127.0.0.1:2379",),
