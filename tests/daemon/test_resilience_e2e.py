@@ -29,6 +29,8 @@ def test_a_stopped_worker_is_detected_as_a_hang_and_recovered(
         nodes={"min": 1, "max": 1},
         nproc_per_node=2,
         watchdog={"timeout_seconds": timeout},
+        # No periodic save: a worker stopped inside one is judged by the startup timeout.
+        checkpoint={"interval_steps": 1000},
         train={"steps": 40},
     )
     with daemons() as group:
@@ -105,7 +107,12 @@ def test_a_crash_loop_stops_at_the_budget_marks_the_run_failed_and_keeps_healthz
         group.append(node)
         wait_for(lambda: "failed" in node.states(), timeout_seconds=300, what="state failed")
         store = RunStore(connect(EtcdConfig(endpoints=(etcd_server.endpoint,))), run_id="loop")
-        assert (store.get_status() or {}).get("state") == "failed"
+        # The state line is logged before the status reaches etcd: wait for it, bounded.
+        wait_for(
+            lambda: (store.get_status() or {}).get("state") == "failed",
+            timeout_seconds=30,
+            what="run status failed in etcd",
+        )
         code, body = node.get("/healthz")
         assert code == 200 and body["state"] == "failed" and "crash loop" in body["detail"]
         assert len(node.events("restart")) == 2

@@ -317,7 +317,9 @@ def test_rendered_pods_train_scale_up_and_drain_within_the_grace_period(
     # No step lost across the regroups and the drains: every step from 1 on was trained.
     assert numbers == list(range(1, numbers[-1] + 1))
     assert numbers[-1] > joined_at_step
-    assert {r["world_size"] for r in steps} == {2, 3}
+    # Trained at 2 and at 3 pods; a first round of pod 0 alone (pod 1's workers still
+    # importing past the last call; nodes.min is 1) is allowed.
+    assert {2, 3} <= {r["world_size"] for r in steps} <= {1, 2, 3}
     # The scaled-down pod left as drained (not killed), after the group committed a checkpoint.
     assert third.events("round_end")[-1]["decision"] == "drained"
     commits = [r for p in cluster.pods for r in p.events("checkpoint_commit")]

@@ -38,6 +38,8 @@ def test_elasticctl_reads_and_steers_a_running_group(
         endpoint=ep,
         run_id=run,
         nodes={"min": 1, "max": 2},
+        # Nothing is deleted while elasticctl lists and verifies the checkpoints.
+        checkpoint={"keep_last": 1000},
         train={"steps": 100000},
     )
     with daemons() as group:
