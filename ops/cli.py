@@ -15,7 +15,7 @@ Where the run is: ``--config`` reads the job's config file as the daemon does (i
 and ``etcd`` section, with the same ``ELASTICD_*`` environment overrides, so inside a pod
 ``elasticctl --config /etc/elasticd/config.yaml status`` finds the etcd, its TLS files and the
 user and password the daemon uses); a run on the embedded etcd is found through the endpoint
-file its daemon writes under ``run_dir`` (``./runs/demo`` unless configured). Flags override
+file its daemon writes under ``run_dir`` (``./runs/demo`` unless configured) while it runs. Flags override
 the file. Without either the target
 is ``127.0.0.1:2379``, run ``demo``. The password is never a flag (it would show in the process
 list): ``etcd.password`` in the file or ``ELASTICD_ETCD__PASSWORD``.
@@ -45,6 +45,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
+
+
+class NoEmbeddedEtcd(Exception):
+    """The job runs on an embedded etcd, and no daemon of it is running now."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"elasticctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (EtcdRendezvousError, CheckpointError) as exc:
+    except (EtcdRendezvousError, CheckpointError, NoEmbeddedEtcd) as exc:
         print(f"elasticctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -122,6 +126,11 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, E
         flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
     if not (args.etcd or job.etcd.endpoints):  # the daemon runs an embedded etcd, if any
         embedded = published_endpoint(Path(job.run_dir))
+        if embedded is None and args.config is not None:
+            raise NoEmbeddedEtcd(
+                f"etcd.endpoints=[] in {args.config}: the run's embedded etcd is not running "
+                f"(no endpoint file under run_dir={job.run_dir!r}); start elasticd first"
+            )
         flags["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
     if args.user is not None and job.etcd.password is None:
         raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")

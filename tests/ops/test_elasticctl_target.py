@@ -162,3 +162,9 @@ def test_a_run_on_the_embedded_etcd_is_found_through_its_endpoint_file(tmp_path:
     finally:
         etcd.stop()
     assert published_endpoint(run_dir) is None  # a stopped member is not advertised
+    stopped = elasticctl("--config", str(job), "status")
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines() == [
+        f"elasticctl: NoEmbeddedEtcd: etcd.endpoints=[] in {job}: the run's embedded etcd is not "
+        f"running (no endpoint file under run_dir={str(run_dir)!r}); start elasticd first"
+    ]
