@@ -15,10 +15,10 @@ Where the run is: ``--config`` reads the job's config file as the daemon does (i
 and ``etcd`` section, with the same ``ELASTICD_*`` environment overrides, so inside a pod
 ``elasticctl --config /etc/elasticd/config.yaml status`` finds the etcd, its TLS files and the
 user and password the daemon uses); a run on the embedded etcd is found through the endpoint
-file its daemon writes under ``run_dir`` (``./runs/demo`` unless configured) while it runs. Flags override
-the file. Without either the target
-is ``127.0.0.1:2379``, run ``demo``. The password is never a flag (it would show in the process
-list): ``etcd.password`` in the file or ``ELASTICD_ETCD__PASSWORD``.
+file its daemon writes under ``run_dir`` (``./runs/demo`` unless configured) while it runs.
+Flags override the file. Without either the target is ``127.0.0.1:2379``, run ``demo``. The
+password is never a flag (it would show in the process list): ``etcd.password`` in the file or
+``ELASTICD_ETCD__PASSWORD``.
 
 Control requests are written to the run's control key in etcd, which every daemon watches;
 they take effect at the next step boundary. Bad usage: one line on stderr, exit code 2.
