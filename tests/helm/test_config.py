@@ -67,6 +67,9 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Resolved]:
         config, document = resolve(path, environ=environ, sets=())
         return config, document, environ, docs
 
+    # pytest makes its base temp directory on first use, and two threads at once may each make
+    # one (then mktemp refuses the other's path): make it here, before the threads.
+    tmp_path_factory.getbasetemp()
     # Two at a time: the machine has two cores and each validator is one process.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = {variant: pool.submit(one, variant, values) for variant, values in VARIANTS}
