@@ -217,6 +217,23 @@ def test_inconsistent_values_are_refused_with_a_message(sets: list[str], message
     assert message in str(excinfo.value)
 
 
+def test_the_bundled_etcd_must_hold_the_rendezvous_history_between_compactions() -> None:
+    # 2 x 5 min x 85 B x 256^2 nodes / 1 s keep-alive = 3.34 GB, over the 2 GiB quota.
+    with pytest.raises(RenderError, match="execution error") as too_many:
+        render(sets=["nodes.max=256"])
+    assert "nodes.max=256: the bundled etcd's history would peak near 3.34 GB" in str(
+        too_many.value
+    )
+    render(sets=["nodes.max=256", "config.nodes.keep_alive_seconds=2"])  # half the writes
+    render(sets=["nodes.max=256", "etcd.mode=external", "etcd.external.endpoints={http://e:2379}"])
+    with pytest.raises(RenderError) as hourly:  # the old default retention
+        render(sets=["nodes.max=64"], set_json=['etcd.bundled.autoCompactionRetention="1h"'])
+    assert "nodes.max=64: the bundled etcd's history would peak near 2.51 GB" in str(hourly.value)
+    with pytest.raises(RenderError) as never:
+        render(set_json=['etcd.bundled.autoCompactionRetention="0"'])
+    assert "autoCompactionRetention=0: 0 turns compaction off" in str(never.value)
+
+
 def test_replicas_zero_parks_the_run_and_the_range_bounds_are_accepted() -> None:
     assert node_statefulset(render(sets=["replicas=0"]))["spec"]["replicas"] == 0
     assert node_statefulset(render(sets=["replicas=4"]))["spec"]["replicas"] == 4

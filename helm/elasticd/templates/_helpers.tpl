@@ -172,10 +172,38 @@ the chart owns win; the schema rejects them inside `config`, so nothing is silen
 {{- end -}}
 {{- else if $v.etcd.external.endpoints -}}
 {{- fail "etcd.external.endpoints is set but etcd.mode=bundled: set etcd.mode=external" -}}
+{{- else -}}
+{{- include "elasticd.validate.etcdHistory" . -}}
 {{- end -}}
 {{- if eq $v.checkpoint.storage "s3" -}}
 {{- if not (hasPrefix "s3://" $v.checkpoint.s3.url) -}}
 {{- fail (printf "checkpoint.storage=s3 needs checkpoint.s3.url=s3://BUCKET/PREFIX (got %q)" $v.checkpoint.s3.url) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled etcd must hold the rendezvous history between compactions: every keep-alive
+rewrites the whole state (~85 B x nodes^2 / keep-alive s per second, docs/kubernetes.md "etcd
+sizing"), and the database peaks near twice the retention's worth. */}}
+{{- define "elasticd.validate.etcdHistory" -}}
+{{- $v := .Values -}}
+{{- $e := $v.etcd.bundled -}}
+{{- $r := toString $e.autoCompactionRetention -}}
+{{- $seconds := 0.0 -}}
+{{- if hasSuffix "s" $r -}}
+{{- $seconds = float64 (trimSuffix "s" $r) -}}
+{{- else if hasSuffix "m" $r -}}
+{{- $seconds = mulf (float64 (trimSuffix "m" $r)) 60 -}}
+{{- else -}}
+{{- $seconds = mulf (float64 (trimSuffix "h" $r)) 3600 -}}
+{{- end -}}
+{{- if eq $seconds 0.0 -}}
+{{- fail (printf "etcd.bundled.autoCompactionRetention=%s: 0 turns compaction off and the rendezvous history grows until etcd's quota stops all writes" $r) -}}
+{{- end -}}
+{{- $keepAlive := float64 ((($v.config | default dict).nodes | default dict).keep_alive_seconds | default 1) -}}
+{{- $nodes := float64 $v.nodes.max -}}
+{{- $peak := divf (mulf 2 $seconds 85 $nodes $nodes) $keepAlive -}}
+{{- if gt $peak (float64 $e.quotaBackendBytes) -}}
+{{- fail (printf "nodes.max=%v: the bundled etcd's history would peak near %.2f GB (2 x etcd.bundled.autoCompactionRetention=%s x 85 B x nodes.max^2 / config.nodes.keep_alive_seconds=%v), over etcd.bundled.quotaBackendBytes=%v; lower the retention, raise keep_alive_seconds or the quota (docs/kubernetes.md, etcd sizing)" $v.nodes.max (divf $peak 1e9) $r $keepAlive ($e.quotaBackendBytes | int64)) -}}
 {{- end -}}
 {{- end -}}
