@@ -5,7 +5,9 @@
 
     status [--json]                  the run's state, round, members, world size, last step
     events [--limit N] [--json]      the run's bounded event log (oldest first)
-    checkpoints --url URL [--verify] committed checkpoints, known-good flags, file checks
+    checkpoints [--url URL] [--verify]
+                                     committed checkpoints, known-good flags, file checks
+                                     (storage only: with --url or --config, no etcd needed)
     scale --min N --max M            new node bounds; the group re-forms at a step boundary
     pause | resume                   hold training at the next step boundary / go on
     rewind --to-step N               rewind to the committed checkpoint of step N
@@ -51,6 +53,16 @@ class NoEmbeddedEtcd(Exception):
     """The job runs on an embedded etcd, and no daemon of it is running now."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The run elasticctl acts on, resolved once from the config file, environment and flags."""
+
+    run_id: str
+    etcd: EtcdConfig
+    checkpoint: CheckpointConfig | None = None  # the job's, when --config names one
+    no_etcd: str | None = None  # why there is no etcd to reach (embedded, not running)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elasticctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=50)
     events.add_argument("--json", action="store_true")
     ckpt = sub.add_parser("checkpoints")
-    ckpt.add_argument("--url", default=None, help="checkpoint.url (default: from run status)")
+    ckpt.add_argument(
+        "--url", default=None, help="checkpoint.url (default: from --config, else run status)"
+    )
     ckpt.add_argument("--verify", action="store_true", help="check files against manifests")
     ckpt.add_argument("--json", action="store_true")
     scale = sub.add_parser("scale")
@@ -99,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return write_report(args.log, args.out)
     try:
-        args.run_id, args.etcd_config = target(args, os.environ)
+        args.target = target(args, os.environ)
         return _COMMANDS[args.command](args)
     except ValueError as exc:
         print(f"elasticctl: {exc}", file=sys.stderr)
@@ -109,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def target(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, EtcdConfig]:
+def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
     """The run id and etcd settings: config file and environment as the daemon reads them,
     then the flags; a ConfigError (a ValueError) names the key and value."""
     job = build(DaemonConfig, layered(args.config, environ=environ))
@@ -124,30 +138,33 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, E
     }
     if args.etcd is not None:
         flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    no_etcd = None
     if not (args.etcd or job.etcd.endpoints):  # the daemon runs an embedded etcd, if any
         embedded = published_endpoint(Path(job.run_dir))
         if embedded is None and args.config is not None:
-            raise NoEmbeddedEtcd(
+            no_etcd = (
                 f"etcd.endpoints=[] in {args.config}: the run's embedded etcd is not running "
                 f"(no endpoint file under run_dir={job.run_dir!r}); start elasticd first"
             )
         flags["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
     if args.user is not None and job.etcd.password is None:
         raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
-    return run_id, dataclasses.replace(
-        job.etcd, **{k: v for k, v in flags.items() if v is not None}
-    )
+    etcd = dataclasses.replace(job.etcd, **{k: v for k, v in flags.items() if v is not None})
+    checkpoint = job.checkpoint if args.config is not None else None
+    return Target(run_id, etcd, checkpoint, no_etcd)
 
 
 def _store(args: argparse.Namespace) -> RunStore:
-    config: EtcdConfig = args.etcd_config
-    return RunStore(connect(config), run_id=args.run_id, key_prefix=config.key_prefix)
+    run: Target = args.target
+    if run.no_etcd is not None:
+        raise NoEmbeddedEtcd(run.no_etcd)
+    return RunStore(connect(run.etcd), run_id=run.run_id, key_prefix=run.etcd.key_prefix)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = _store(args).get_status()
     if status is None:
-        print(f"elasticctl: no status for run {args.run_id!r}", file=sys.stderr)
+        print(f"elasticctl: no status for run {args.target.run_id!r}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -195,10 +212,15 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    url = args.url or (_store(args).get_status() or {}).get("checkpoint_url")
-    if not url:
-        raise ValueError("--url: not given and the run status has no checkpoint_url")
-    manager = CheckpointManager(CheckpointConfig(url=url), run_id=args.run_id, rank=0, world_size=1)
+    """Reads storage only: with --url or --config it needs no etcd (a finished run, an outage)."""
+    run: Target = args.target
+    config = CheckpointConfig(url=args.url) if args.url else run.checkpoint
+    if config is None:
+        url = (_store(args).get_status() or {}).get("checkpoint_url")
+        if not url:
+            raise ValueError("--url: not given and the run status has no checkpoint_url")
+        config = CheckpointConfig(url=url)
+    manager = CheckpointManager(config, run_id=run.run_id, rank=0, world_size=1)
     listed = [(m, manager.verify(m) if args.verify else []) for m in manager.list()]
     if args.json:
         print(json.dumps([_checkpoint_json(m, problems) for m, problems in listed], indent=2))

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir, published_endpoint
+from elastic.checkpoint import CheckpointConfig, CheckpointManager
 from elastic.rendezvous import EtcdConfig, RunStore, connect
 from ops.cli import _parser, target
 from tests.support.etcd import EtcdFactory, enable_auth, etcd_factory, make_tls_files
@@ -28,7 +30,8 @@ def put_status(config: EtcdConfig, run_id: str, status: dict[str, Any]) -> None:
 
 
 def resolve(argv: list[str], environ: dict[str, str] | None = None) -> tuple[str, EtcdConfig]:
-    return target(_parser().parse_args([*argv, "status"]), environ or {})
+    run = target(_parser().parse_args([*argv, "status"]), environ or {})
+    return run.run_id, run.etcd
 
 
 # ----------------------------------------------------------------- resolution (no etcd)
@@ -168,3 +171,23 @@ def test_a_run_on_the_embedded_etcd_is_found_through_its_endpoint_file(tmp_path:
         f"elasticctl: NoEmbeddedEtcd: etcd.endpoints=[] in {job}: the run's embedded etcd is not "
         f"running (no endpoint file under run_dir={str(run_dir)!r}); start elasticd first"
     ]
+
+
+def test_checkpoints_are_listed_from_the_job_config_with_no_etcd_running(tmp_path: Path) -> None:
+    run_dir, ckpt = tmp_path / "runs" / "done", tmp_path / "ckpt"
+    job = write_config(
+        tmp_path / "job.yaml",
+        {"run_id": "done", "run_dir": str(run_dir), "checkpoint": {"url": str(ckpt)}},
+    )
+    manager = CheckpointManager(
+        CheckpointConfig(url=str(ckpt)), run_id="done", rank=0, world_size=1
+    )
+    for step in (10, 20):
+        manager.save(step, {"w": torch.full((4,), float(step))}, meta={})
+    listed = elasticctl("--config", str(job), "checkpoints", "--verify", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["step"] for r in rows] == [10, 20] and all(r["problems"] == [] for r in rows)
+    # Everything else needs the run's etcd, which is not running.
+    paused = elasticctl("--config", str(job), "pause")
+    assert paused.returncode == 1 and "NoEmbeddedEtcd" in paused.stderr
