@@ -124,20 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
-    """The run id and etcd settings: config file and environment as the daemon reads them,
-    then the flags; a ConfigError (a ValueError) names the key and value."""
+    """Run id, etcd settings and (with --config) the checkpoint config: the config file and
+    environment as the daemon reads them, then the flags. A ConfigError (a ValueError) names
+    the key and value."""
     job = build(DaemonConfig, layered(args.config, environ=environ))
     run_id = job.run_id if args.run_id is None else args.run_id
     check_name("--run-id", run_id)
-    flags = {
-        "key_prefix": args.key_prefix,
-        "tls_ca": args.tls_ca,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "user": args.user,
-    }
-    if args.etcd is not None:
-        flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    flags = _etcd_flags(args)
     no_etcd = None
     if not (args.etcd or job.etcd.endpoints):  # the daemon runs an embedded etcd, if any
         embedded = published_endpoint(Path(job.run_dir))
@@ -152,6 +145,20 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
     etcd = dataclasses.replace(job.etcd, **{k: v for k, v in flags.items() if v is not None})
     checkpoint = job.checkpoint if args.config is not None else None
     return Target(run_id, etcd, checkpoint, no_etcd)
+
+
+def _etcd_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """EtcdConfig fields given on the command line (None: not given)."""
+    flags: dict[str, Any] = {
+        "key_prefix": args.key_prefix,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "user": args.user,
+    }
+    if args.etcd is not None:
+        flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    return flags
 
 
 def _store(args: argparse.Namespace) -> RunStore:
