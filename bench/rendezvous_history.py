@@ -22,11 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from bench.rendezvous_scale import form_round
-from elastic.rendezvous import EtcdConfig, connect, create_handler
+from bench.rendezvous_scale import etcd3_group, form_round
 from tests.support.etcd import EtcdServer, etcd_binary
 
 
@@ -44,26 +42,9 @@ def revision_and_db_bytes(endpoint: str) -> tuple[int, int]:
 
 
 def measure(endpoint: str, num_nodes: int, keep_alive_seconds: float, window_seconds: float) -> str:
-    config = EtcdConfig(
-        endpoints=(endpoint,), connect_timeout_seconds=30.0, request_timeout_seconds=30.0
-    )
-    clients = [connect(config) for _ in range(num_nodes)]
-    run_id = f"history-{uuid.uuid4().hex[:8]}"
-    handlers = [
-        create_handler(
-            client,
-            run_id=run_id,
-            min_nodes=num_nodes,
-            max_nodes=num_nodes,
-            local_addr="127.0.0.1",
-            join_timeout_seconds=300,
-            last_call_timeout_seconds=1,
-            keep_alive_interval_seconds=keep_alive_seconds,
-            keep_alive_max_attempt=3,
-        )
-        for client in clients
-    ]
-    try:
+    with etcd3_group(
+        endpoint, num_nodes, keep_alive_seconds=keep_alive_seconds, keep_alive_max_attempt=3
+    ) as (client, handlers, keys):
         form_round(handlers)
         time.sleep(2 * keep_alive_seconds)  # steady state: every participant has beaten
         rev0, db0 = revision_and_db_bytes(endpoint)
@@ -71,13 +52,8 @@ def measure(endpoint: str, num_nodes: int, keep_alive_seconds: float, window_sec
         time.sleep(window_seconds)  # the measured window itself
         rev1, db1 = revision_and_db_bytes(endpoint)
         elapsed = time.monotonic() - started
-        values, _ = clients[0].get_prefix(f"{config.key_prefix}/")
+        values, _ = client.get_prefix(keys.root)
         state_bytes = max((len(kv.value) for kv in values), default=0)
-    finally:
-        for handler in handlers:
-            handler.shutdown()
-        for client in clients:
-            client.close()
     return (
         f"{num_nodes:>6}  {keep_alive_seconds:>10g}  {(rev1 - rev0) / elapsed:>9.1f}  "
         f"{state_bytes:>11}  {(db1 - db0) / elapsed / 1e6:>16.2f}"

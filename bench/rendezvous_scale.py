@@ -16,12 +16,13 @@ best of ``--repeats`` per cell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elastic.rendezvous import EtcdConfig, connect, create_handler
+from elastic.rendezvous.keys import RunKeys
 from elastic.rendezvous.kv import KeyValueClient
 
 TIMEOUT = RendezvousTimeout(
@@ -68,13 +70,19 @@ def form_round(handlers: Sequence[RendezvousHandler]) -> float:
     return elapsed
 
 
-def etcd3_round(endpoint: str, num_nodes: int) -> float:
+@contextlib.contextmanager
+def etcd3_group(
+    endpoint: str, num_nodes: int, *, keep_alive_seconds: float, keep_alive_max_attempt: int
+) -> Iterator[tuple[KeyValueClient, list[RendezvousHandler], RunKeys]]:
+    """``num_nodes`` handlers of one new run (min = max = N, last call 1 s), each on its own
+    etcd client; yields one client, the handlers and the run's keys, and shuts all of them
+    down after."""
     config = EtcdConfig(
         endpoints=(endpoint,), connect_timeout_seconds=30.0, request_timeout_seconds=30.0
     )
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     clients: list[KeyValueClient] = [connect(config) for _ in range(num_nodes)]
-    handlers = [
+    handlers: list[RendezvousHandler] = [
         create_handler(
             client,
             run_id=run_id,
@@ -84,18 +92,24 @@ def etcd3_round(endpoint: str, num_nodes: int) -> float:
             join_timeout_seconds=300,
             last_call_timeout_seconds=1,
             heartbeat_timeout_seconds=10,
-            keep_alive_interval_seconds=5,
-            keep_alive_max_attempt=6,
+            keep_alive_interval_seconds=keep_alive_seconds,
+            keep_alive_max_attempt=keep_alive_max_attempt,
         )
         for client in clients
     ]
     try:
-        return form_round(handlers)
+        yield clients[0], handlers, RunKeys(config.key_prefix, run_id)
     finally:
         for handler in handlers:
             handler.shutdown()
         for client in clients:
             client.close()
+
+
+def etcd3_round(endpoint: str, num_nodes: int) -> float:
+    group = etcd3_group(endpoint, num_nodes, keep_alive_seconds=5, keep_alive_max_attempt=6)
+    with group as (_, handlers, _):
+        return form_round(handlers)
 
 
 def c10d_round(num_nodes: int) -> float:
