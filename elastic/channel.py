@@ -1,18 +1,13 @@
 """The local channel between a node's daemon and its worker processes: heartbeats and control.
 
-A directory per round (the daemon passes it to workers as ``ELASTICD_WORKER_DIR``) holds
+The file formats, names and actions are defined in :mod:`elastic.protocol`; this module does the
+I/O. A directory per round (``Env.WORKER_DIR``) holds
 
-- ``heartbeat-<local_rank>.json``: ``{"step", "phase", "time_unix", "pid"}``, replaced
-  atomically by the worker at every phase change (``start``, ``load``, ``train``, ``save``,
-  ``eval``, ``paused``) and after a step, at most once per ``BEAT_INTERVAL_SECONDS`` while the
-  phase stays the same; the daemon's watchdog reads it;
-- ``control.json``: ``{"seq", "action", ...}`` written atomically by the daemon; workers poll it
-  once per step (one ``stat``) and act at the next step boundary. Actions: ``drain`` (commit a
-  checkpoint and exit 0), ``pause``, ``resume``, ``rewind`` (``to_step``).
-
-A standby worker (started before its round, see ``daemon.workers.StandbyPool``) says it has
-finished importing with one JSON line on stdout, ``{"event": "standby_ready", ...}``
-(:func:`standby_ready_line`, :func:`is_standby_ready`).
+- ``heartbeat-<local_rank>.json`` (:class:`~elastic.protocol.Heartbeat`), replaced atomically
+  by the worker at every phase change and after a step, at most once per
+  ``BEAT_INTERVAL_SECONDS`` while the phase stays the same; the daemon's watchdog reads it;
+- ``control.json`` (:class:`~elastic.protocol.Control`) written atomically by the daemon;
+  workers poll it once per step (one ``stat``) and act at the next step boundary.
 
 Files, not sockets: both sides survive the other's restart, and a worker stuck in a collective
 simply stops beating, which is exactly what the watchdog must see.
@@ -29,34 +24,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from elastic.files import replace_file
+from elastic.protocol import Action, Control, Heartbeat, Phase, control_file, heartbeat_file
 
-WORKER_DIR_ENV = "ELASTICD_WORKER_DIR"
-STANDBY_READY_EVENT = "standby_ready"
-CONTROL_FILE = "control.json"
-CONTROL_ACTIONS = frozenset({"drain", "pause", "resume", "rewind"})
 BEAT_INTERVAL_SECONDS = 0.5
 CONTROL_RECENT_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    local_rank: int
-    step: int
-    phase: str
-    time_unix: float
-    pid: int
-
-
-@dataclass(frozen=True)
-class Control:
-    seq: int
-    action: str
-    to_step: int | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -84,11 +59,16 @@ class WorkerChannel:
         self._clock = clock
         self._monotonic = monotonic
         self._min_interval_seconds = min_interval_seconds
-        self._written: tuple[int, str, float] | None = None  # step, phase, monotonic time
+        self._written: tuple[int, Phase, float] | None = None  # step, phase, monotonic time
         self._control_mtime_ns = -1
         self._last_seq = 0
 
-    def beat(self, step: int, phase: str = "train") -> None:
+    @property
+    def attached(self) -> bool:
+        """Whether a daemon is on the other side."""
+        return self._dir is not None
+
+    def beat(self, step: int, phase: Phase = Phase.TRAIN) -> None:
         """Publish (step, phase): at once on a new phase or a step back, else rate-limited."""
         if self._dir is None:
             return
@@ -101,15 +81,16 @@ class WorkerChannel:
                 and now - last_time < self._min_interval_seconds
             ):
                 return
-        payload = {"step": step, "phase": phase, "time_unix": self._clock(), "pid": os.getpid()}
-        replace_file(self._dir / f"heartbeat-{self._local_rank}.json", json.dumps(payload).encode())
-        self._written = (step, phase, now)
+        beat = Heartbeat(self._local_rank, step, Phase(phase), self._clock(), os.getpid())
+        payload = json.dumps(beat.to_json()).encode()
+        replace_file(self._dir / heartbeat_file(self._local_rank), payload)
+        self._written = (step, Phase(phase), now)
 
     def poll(self) -> Control | None:
         """A control request not seen before, or None (one stat when nothing changed)."""
         if self._dir is None:
             return None
-        path = self._dir / CONTROL_FILE
+        path = self._dir / control_file()
         try:
             mtime_ns = path.stat().st_mtime_ns
         except FileNotFoundError:
@@ -121,12 +102,14 @@ class WorkerChannel:
             return None
         self._control_mtime_ns = mtime_ns
         data = _read_json(path)
-        if data is None or int(data.get("seq", 0)) <= self._last_seq:
+        try:
+            control = Control.from_json(data) if data is not None else None
+        except (KeyError, TypeError, ValueError):
             return None
-        self._last_seq = int(data["seq"])
-        to_step = data.get("to_step")
-        action = str(data.get("action"))
-        return Control(self._last_seq, action, None if to_step is None else int(to_step))
+        if control is None or control.seq <= self._last_seq:
+            return None
+        self._last_seq = control.seq
+        return control
 
 
 class DaemonChannel:
@@ -140,46 +123,24 @@ class DaemonChannel:
 
     def heartbeats(self) -> dict[int, Heartbeat]:
         beats: dict[int, Heartbeat] = {}
-        for path in self.directory.glob("heartbeat-*.json"):
+        for path in self.directory.glob(heartbeat_file(0).replace("0", "*", 1)):
             data = _read_json(path)
             if data is None:
                 continue
-            local_rank = int(path.stem.split("-", 1)[1])
-            beats[local_rank] = Heartbeat(
-                local_rank,
-                int(data["step"]),
-                str(data["phase"]),
-                float(data["time_unix"]),
-                int(data["pid"]),
-            )
+            try:
+                local_rank = int(path.stem.split("-", 1)[1])
+                beats[local_rank] = Heartbeat.from_json(local_rank, data)
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed beat is no beat: the watchdog judges by the rest
         return beats
 
-    def send(self, action: str, *, to_step: int | None = None) -> int:
-        if action not in CONTROL_ACTIONS:
-            raise ValueError(f"action={action!r}: must be one of {sorted(CONTROL_ACTIONS)}")
+    def send(self, action: Action | str, *, to_step: int | None = None) -> int:
+        try:
+            checked = Action(action)
+        except ValueError:
+            allowed = sorted(a.value for a in Action)
+            raise ValueError(f"action={action!r}: must be one of {allowed}") from None
         self._seq += 1
-        payload: dict[str, Any] = {"seq": self._seq, "action": action, "time_unix": self._clock()}
-        if to_step is not None:
-            payload["to_step"] = to_step
-        replace_file(self.directory / CONTROL_FILE, json.dumps(payload).encode())
+        control = Control(self._seq, checked, to_step, self._clock())
+        replace_file(self.directory / control_file(), json.dumps(control.to_json()).encode())
         return self._seq
-
-
-def standby_ready_line(warm_up_seconds: float) -> str:
-    """The stdout line a standby worker prints once its imports are done."""
-    return json.dumps(
-        {
-            "event": STANDBY_READY_EVENT,
-            "ts": round(time.time(), 3),
-            "warm_up_seconds": round(warm_up_seconds, 3),
-        }
-    )
-
-
-def is_standby_ready(line: bytes) -> bool:
-    """Whether a worker's stdout ``line`` is its standby-ready line."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and record.get("event") == STANDBY_READY_EVENT

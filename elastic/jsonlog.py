@@ -2,7 +2,7 @@
 
 Every line is one JSON object on stdout with ``event`` (what happened), ``ts`` (unix seconds),
 ``level`` and whatever context is bound (``run_id``, ``node``, ``rank``, ``step`` where known).
-Lifecycle events and per-step lines use the ``event`` values listed in ARCHITECTURE.md; the
+Lifecycle events and per-step lines use the ``event`` values listed in docs/architecture.md; the
 daemon relays worker lines, so worker lines must stay one object per line.
 """
 

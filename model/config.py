@@ -1,8 +1,8 @@
 """The job configuration document as a worker sees it, and `python -m model.config --check`.
 
-One YAML document configures a whole run (ARCHITECTURE.md). The sections a worker needs are
-typed here; the daemon-only sections (``nodes``, ``etcd``, ``watchdog``, ``drain``,
-``metrics``, ``nproc_per_node``) are kept as opaque mappings, validated by the daemon. The daemon
+One YAML document configures a whole run (docs/architecture.md). The sections a worker needs are
+typed here; the daemon-only sections (``nodes``, ``etcd``, ``watchdog``, ``drain``, ``metrics``,
+``nproc_per_node``, ``worker``) are kept as opaque mappings, validated by the daemon. The daemon
 cannot import this package, so it validates ``model``/``data``/``train`` by running
 ``python -m model.config --check FILE`` (no torch import: fast).
 """
@@ -80,6 +80,7 @@ class JobConfig:
     watchdog: dict[str, Any] = field(default_factory=dict)
     drain: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    worker: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("run_id", self.run_id)

@@ -17,17 +17,8 @@ How one global batch is drawn:
 - A sample is ``seq_len + 1`` tokens from ``offset``: inputs are the first ``seq_len``, targets
   the last ``seq_len``. Windows may cross document boundaries (EOS separates documents).
 
-The data ledger (:class:`DataLedger`) maps a training step to its ``(data step, salt)``; it holds
-the data decisions taken when a run rewinds after a divergence, in the order they were taken:
-
-- ``reshuffle [a, b)``: training steps ``a..b-1`` draw fresh, deterministic samples (a new salt).
-- ``skip [a, b)``: the data of training steps ``a..b-1`` is never used; training step ``s >= a``
-  uses the data that step ``s + (b - a)`` used before the entry. Entries compose in order, so
-  several skips add up (one skip alone: data step ``= s + (b - a)``).
-
-The windows are in the training-step numbering of the moment the entry was made. Resolving step
-``s`` walks the entries newest first: each skip with ``a <= t`` moves ``t`` forward by ``b - a``,
-and the newest reshuffle whose window holds ``t`` gives the salt (0 when none does).
+The data ledger (:class:`~elastic.worker.ledger.DataLedger`, shared with the worker API's sampler)
+maps a training step to its ``(data step, salt)``: reshuffled or skipped windows after rewinds.
 
 Sample ids (``Sample.sample_id``) are unique and stable: ``salt << 52 | data_step << 20 |
 position``, so at most 2**20 samples per batch, 2**32 data steps and 2**11 salts; reshuffled
@@ -37,21 +28,19 @@ samples never share an id with the originals.
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from elastic.worker.ledger import DataLedger
 from model.data_config import DataConfig
 from model.shards import ShardNotFound, TokenShard, open_shard, resolve_shard_url
 
 POSITION_BITS = 20
 STEP_BITS = 32
-SALT_BITS = 11
-LedgerKind = Literal["skip", "reshuffle"]
 
 
 @dataclass(frozen=True)
@@ -59,71 +48,6 @@ class Sample:
     sample_id: int
     source: str
     offset: int  # first token of the window in the source's shard
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    kind: LedgerKind
-    start_step: int
-    end_step: int  # exclusive
-    salt: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("skip", "reshuffle"):
-            raise ValueError(f"kind={self.kind!r}: must be skip or reshuffle")
-        if not 0 <= self.start_step < self.end_step:
-            raise ValueError(f"[{self.start_step}, {self.end_step}): need 0 <= start < end")
-        if not 0 < self.salt < 2**SALT_BITS:
-            raise ValueError(f"salt={self.salt}: must be in [1, {2**SALT_BITS})")
-
-
-@dataclass(frozen=True)
-class DataLedger:
-    """Skip and reshuffle decisions, in the order they were taken (immutable)."""
-
-    entries: tuple[LedgerEntry, ...] = ()
-
-    def with_entry(
-        self, kind: LedgerKind, start_step: int, end_step: int, *, salt: int | None = None
-    ) -> DataLedger:
-        """A new ledger with one more entry; the default salt is fresh (1 + number of entries)."""
-        entry = LedgerEntry(kind, start_step, end_step, salt or 1 + len(self.entries))
-        return DataLedger((*self.entries, entry))
-
-    def resolve(self, step: int) -> tuple[int, int]:
-        """``(data_step, salt)`` of training step ``step``."""
-        data_step, salt = step, 0
-        for entry in reversed(self.entries):
-            if entry.kind == "skip" and data_step >= entry.start_step:
-                data_step += entry.end_step - entry.start_step
-            elif entry.kind == "reshuffle" and not salt and entry.start_step <= data_step:
-                salt = entry.salt if data_step < entry.end_step else 0
-        return data_step, salt
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "entries": [
-                {"kind": e.kind, "start_step": e.start_step, "end_step": e.end_step, "salt": e.salt}
-                for e in self.entries
-            ]
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any] | str | None) -> DataLedger:
-        if data is None:
-            return cls()
-        obj = json.loads(data) if isinstance(data, str) else data
-        return cls(
-            tuple(
-                LedgerEntry(
-                    kind=e["kind"],
-                    start_step=int(e["start_step"]),
-                    end_step=int(e["end_step"]),
-                    salt=int(e["salt"]),
-                )
-                for e in obj.get("entries", ())
-            )
-        )
 
 
 @dataclass(frozen=True)

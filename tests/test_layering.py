@@ -1,4 +1,4 @@
-"""Import contracts from ARCHITECTURE.md, checked on the source with ``ast`` (no imports run)."""
+"""Import contracts from docs/architecture.md, checked on the source with ``ast``."""
 
 from __future__ import annotations
 

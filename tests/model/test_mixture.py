@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from elastic.config import build
+from elastic.worker.ledger import DataLedger, LedgerEntry
 from model import corpus, prepare
 from model.data_config import DataConfig
-from model.mixture import DataLedger, LedgerEntry, Sampler, Stage, build_sampler
+from model.mixture import Sampler, Stage, build_sampler
 from model.shards import ShardWriter, open_shard
 
 SEQ_LEN = 8

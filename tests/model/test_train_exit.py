@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from elastic.protocol import ExitCode
 from model import train
 
 
@@ -14,7 +15,7 @@ def test_an_escaping_error_is_printed_and_exits_1(
         raise RuntimeError("async save step 6: KeyError")
 
     monkeypatch.setattr(train, "main", broken)
-    assert train.run_main([]) == train.EXIT_FAILED == 1
+    assert train.run_main([]) == ExitCode.FAILED == 1
     assert "RuntimeError: async save step 6: KeyError" in capsys.readouterr().err
 
 
