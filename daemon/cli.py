@@ -1,7 +1,8 @@
 """``elasticd``: ``run`` (the per-node supervisor) and ``prepare-data`` (tokenize a corpus).
 
 Configuration is resolved here, once: defaults < YAML < ``ELASTICD_*`` env < ``--set``.
-Exit codes: 0 done or drained, 2 bad configuration or usage, other non-zero for failures.
+Exit codes (:class:`elastic.protocol.ExitCode`): 0 done or drained, 1 failed (crash loop),
+2 bad configuration or usage, 3 diverged.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from collections.abc import Sequence
 
 from elastic import jsonlog
 from elastic.config import ConfigError
-
-EXIT_USAGE = 2
+from elastic.protocol import ExitCode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, document = resolve(args.config, environ=os.environ, sets=args.sets)
     except ConfigError as exc:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.CONFIG
     jsonlog.configure(run_id=config.run_id)
     return Supervisor(config, document, node_id=args.node_id, environ=dict(os.environ)).run()
 

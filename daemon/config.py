@@ -1,15 +1,19 @@
 """The job configuration document as the daemon sees it, resolved once in ``main()``.
 
-The daemon types its own sections (``nodes``, ``watchdog``, ``drain``, ``metrics``) and the
-``elastic`` ones it acts on (``etcd``, ``checkpoint``, ``guard``, ``rewind``, ``faults``). The
-workload sections (``model``, ``data``, ``train``) belong to the ``model`` package, which the
-daemon never imports: it validates them by running ``python -m model.config --check`` on the
-resolved document, which it then writes to the run directory for its workers.
+The daemon types its own sections (``nodes``, ``watchdog``, ``drain``, ``metrics``,
+``worker``) and the ``elastic`` ones it acts on (``etcd``, ``checkpoint``, ``guard``,
+``rewind``, ``faults``). The workload sections (``model``, ``data``, ``train``) belong to the
+training loop. For the bundled trainer (``worker.command`` left at its default) the daemon,
+which never imports ``model``, validates them by running ``python -m model.config --check`` on
+the resolved document; for any other command it checks only that the command can start (the
+script or program exists). The resolved document goes to the run directory for the workers.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,11 +26,19 @@ import yaml
 
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.config import ConfigError, build, check, check_name, layered, to_dict
-from elastic.faults import ALLOW_FAULTS_ENV, FaultConfig, require_permission
+from elastic.faults import FaultConfig, require_permission
 from elastic.files import replace_file
 from elastic.guard import validate_retention
 from elastic.guard.config import GuardConfig, RewindConfig
+from elastic.protocol import Env
 from elastic.rendezvous import EtcdConfig
+
+RESOLVED_NAME = "config.resolved.yaml"
+DEFAULT_COMMAND = ("{python}", "-P", "-m", "model.train", "--config", "{config}")
+PLACEHOLDERS = frozenset({"python", "config"})
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PYTHON_NAMES = frozenset({"{python}", "python", "python3"})
+_PYTHON_FLAGS_WITH_ARG = frozenset({"-X", "-W"})
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,42 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """YAML section ``worker``: what each worker process runs, and how it is watched before it
+    speaks the protocol (a loop without the worker API never writes a heartbeat)."""
+
+    command: tuple[str, ...] = DEFAULT_COMMAND
+    """The worker's command line. ``{python}`` is the daemon's interpreter, ``{config}`` the
+    absolute path of ``<run_dir>/config.resolved.yaml``. The default runs the bundled trainer."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of every worker, over the daemon's own; the torch elastic variables
+    (``RANK``, ``WORLD_SIZE``, ...) and ``ELASTICD_WORKER_*`` win over these."""
+    cwd: str = ""
+    """Working directory of the workers (and of a relative script path); "" = the daemon's."""
+    silence_timeout_seconds: float = 0.0
+    """Restart (reason ``hang``) when a round's workers wrote no heartbeat yet and none of the
+    node's workers printed a line for this long, once one has printed; 0 = off."""
+
+    def __post_init__(self) -> None:
+        command = list(self.command)
+        check(bool(command), "command", command, "must be a non-empty list")
+        ok = all(isinstance(a, str) and a for a in command)
+        check(ok, "command", command, "items must be non-empty strings")
+        unknown = sorted({n for a in command for n in _PLACEHOLDER.findall(a)} - PLACEHOLDERS)
+        check(not unknown, "command", command, f"unknown placeholder {{{(unknown or [''])[0]}}}")
+        for name, value in self.env.items():
+            check(isinstance(value, str), f"env.{name}", value, "must be a string")
+        check(isinstance(self.cwd, str), "cwd", self.cwd, "must be a string")
+        timeout = self.silence_timeout_seconds
+        check(timeout >= 0, "silence_timeout_seconds", timeout, "must be >= 0 (0 = off)")
+
+    def argv(self, *, python: str, config_path: str) -> tuple[str, ...]:
+        """The command with its placeholders filled in."""
+        values = {"python": python, "config": config_path}
+        return tuple(_PLACEHOLDER.sub(lambda m: values[m.group(1)], a) for a in self.command)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """The whole document, daemon view."""
 
@@ -120,8 +168,9 @@ class DaemonConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     faults: tuple[FaultConfig, ...] = ()
-    # Workload sections, validated by `python -m model.config --check`.
+    # Workload sections, validated by `python -m model.config --check` (default command only).
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -147,8 +196,54 @@ def resolve(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    check_workload(document, environ=environ)
+    check_command(config.worker, environ=environ)
+    if config.worker.command == DEFAULT_COMMAND:
+        check_workload(document, environ=environ)
     return config, document
+
+
+def resolved_path(config: DaemonConfig) -> str:
+    """Absolute path of the resolved document: workers may run in another directory."""
+    return os.path.abspath(os.path.join(config.run_dir, RESOLVED_NAME))
+
+
+def check_command(worker: WorkerConfig, *, environ: Mapping[str, str]) -> None:
+    """The worker's directory, and its script or program, exist on this node (ConfigError).
+
+    Here, not in ``WorkerConfig``: the config is also read where workers never run
+    (``elasticctl --config``), and that must not depend on this node's files.
+    """
+    cwd = Path(worker.cwd or os.getcwd())
+    if worker.cwd and not cwd.is_dir():
+        raise ConfigError(f"worker.cwd={worker.cwd!r}: not an existing directory")
+    command = list(worker.command)
+    if command[0] in _PYTHON_NAMES:
+        script = _python_script(command)
+        if script is not None and not (cwd / script).is_file():
+            raise ConfigError(f"worker.command={command!r}: script {script!r} not found")
+    elif not _PLACEHOLDER.fullmatch(command[0]):
+        program = command[0]
+        search = worker.env.get("PATH", environ.get("PATH", os.defpath))
+        if os.sep in program:
+            found = (cwd / program).is_file()
+        else:
+            found = shutil.which(program, path=search) is not None
+        if not found:
+            raise ConfigError(f"worker.command={command!r}: program {program!r} not found")
+
+
+def _python_script(command: Sequence[str]) -> str | None:
+    """The script a ``python [flags] SCRIPT ...`` command runs (None for -m, -c, or none)."""
+    rest = list(command[1:])
+    while rest and rest[0].startswith("-"):
+        flag = rest.pop(0)
+        if flag in ("-m", "-c") or flag.startswith(("-m", "-c")):
+            return None
+        if flag in _PYTHON_FLAGS_WITH_ARG and rest:
+            rest.pop(0)
+    if not rest or _PLACEHOLDER.search(rest[0]):
+        return None
+    return rest[0]
 
 
 def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -> None:
@@ -158,9 +253,10 @@ def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -
         tmp = fh.name
     try:
         env = {k: v for k, v in environ.items() if not k.startswith("ELASTICD_")}
-        env[ALLOW_FAULTS_ENV] = environ.get(ALLOW_FAULTS_ENV, "")
+        env[Env.ALLOW_FAULTS] = environ.get(Env.ALLOW_FAULTS, "")
         proc = subprocess.run(
-            [sys.executable, "-m", "model.config", "--config", tmp, "--check"],
+            # -P: a model.py in the working directory must not shadow the bundled package.
+            [sys.executable, "-P", "-m", "model.config", "--config", tmp, "--check"],
             capture_output=True,
             text=True,
             env=env,
@@ -181,7 +277,7 @@ def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
     resolved = dict(document)
     typed = to_dict(config)
     resolved.update({k: v for k, v in typed.items() if k not in ("model", "data", "train")})
-    path = run_dir / "config.resolved.yaml"
+    path = run_dir / RESOLVED_NAME
     # Daemons that share a run directory (tests, a shared volume) each write it whole.
     replace_file(path, yaml.safe_dump(resolved, sort_keys=False).encode())
     return path

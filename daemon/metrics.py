@@ -1,9 +1,10 @@
 """The node's Prometheus metrics: the daemon's own, and its workers' read from their log lines.
 
 Workers do not serve metrics: every worker line already passes through the daemon (the relay),
-so the daemon updates training gauges from ``step``, ``eval``, ``divergence``, ``rewind`` and
-``checkpoint_*`` events. One scrape endpoint per node, no multiprocess files, and a worker that
-dies cannot leave stale series behind.
+so the daemon updates training gauges from the protocol's metric events
+(:data:`elastic.protocol.METRIC_EVENTS`: ``step``, ``eval``, ``divergence``, ``rewind``,
+``diverged`` and ``checkpoint_*``). One scrape endpoint per node, no multiprocess files, and a
+worker that dies cannot leave stale series behind.
 
 The collectors are built from ``daemon/metrics.yaml`` (names, types, help, labels, buckets): the
 one list that ``ops`` checks its alert rules and dashboard against. Every series carries
@@ -20,6 +21,8 @@ from typing import Any
 
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from elastic.protocol import Event
 
 CATALOG = Path(__file__).with_name("metrics.yaml")
 _TYPES: dict[str, Any] = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
@@ -119,7 +122,11 @@ class NodeMetrics:
 
     def on_worker_line(self, record: dict[str, Any]) -> None:
         """Update training series from one relayed worker line."""
-        handler = _HANDLERS.get(str(record.get("event")))
+        try:
+            event = Event(str(record.get("event")))
+        except ValueError:
+            return  # a loop's own event: relayed, not a metric
+        handler = _HANDLERS.get(event)
         if handler is not None:
             handler(self, record)
 
@@ -181,13 +188,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-_HANDLERS: dict[str, Callable[[NodeMetrics, dict[str, Any]], None]] = {
-    "step": NodeMetrics._on_step,
-    "eval": NodeMetrics._on_eval,
-    "divergence": NodeMetrics._on_divergence,
-    "rewind": NodeMetrics._on_rewind,
-    "diverged": NodeMetrics._on_diverged,
-    "checkpoint_commit": NodeMetrics._on_commit,
-    "checkpoint_load": NodeMetrics._on_load,
-    "checkpoint_known_good": NodeMetrics._on_known_good,
+# One handler per event of METRIC_EVENTS (tests/daemon/test_metrics.py holds them equal).
+_HANDLERS: dict[Event, Callable[[NodeMetrics, dict[str, Any]], None]] = {
+    Event.STEP: NodeMetrics._on_step,
+    Event.EVAL: NodeMetrics._on_eval,
+    Event.DIVERGENCE: NodeMetrics._on_divergence,
+    Event.REWIND: NodeMetrics._on_rewind,
+    Event.DIVERGED: NodeMetrics._on_diverged,
+    Event.CHECKPOINT_COMMIT: NodeMetrics._on_commit,
+    Event.CHECKPOINT_LOAD: NodeMetrics._on_load,
+    Event.CHECKPOINT_KNOWN_GOOD: NodeMetrics._on_known_good,
 }

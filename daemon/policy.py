@@ -1,8 +1,15 @@
 """Pure decisions of the supervisor: what a round's observations mean, and the restart budget.
 
-``decide()`` maps what the daemon sees during a round (worker exit codes, heartbeats, group
-changes, signals) to one :class:`Decision`; the supervisor applies it in one place. No I/O, no
-clock reads: times come in as arguments, so unit tests never sleep.
+``decide()`` maps what the daemon sees during a round (worker exit codes, heartbeats, output,
+group changes, signals) to one :class:`Decision`; the supervisor applies it in one place. No
+I/O, no clock reads: times come in as arguments, so unit tests never sleep.
+
+Hang detection has two regimes. Once a worker of the round has written a heartbeat (the worker
+API writes its first at ``init()``), no step progress for the hang timeout is a hang. Before
+any heartbeat (a loop without the API, or one still importing) the daemon cannot tell slow from
+stuck; the only check is ``worker.silence_timeout_seconds`` (off by default): no output line from
+any local worker for that long, once one has printed (a node whose workers never print, e.g. no
+global rank 0 in a loop where only that rank prints, is not judged).
 """
 
 from __future__ import annotations
@@ -12,11 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_DIVERGED = 3
-EXIT_DRAINED = 4  # a worker committed a checkpoint at a step boundary and left (group change)
-CLEAN = frozenset({EXIT_OK, EXIT_DRAINED})
+from elastic.protocol import CLEAN_EXITS, ExitCode
 
 
 class Reason(StrEnum):
@@ -47,6 +50,9 @@ class Decision:
     detail: str = ""
 
 
+CONTINUE = Decision(Kind.CONTINUE)
+
+
 @dataclass(frozen=True)
 class Observation:
     """One tick of a round, as the supervisor saw it."""
@@ -55,39 +61,63 @@ class Observation:
     last_progress_unix: float  # newest step completion (or start) across local workers
     now_unix: float
     hang_timeout_seconds: float
+    heartbeats_seen: bool = True  # a worker of this round wrote a heartbeat
+    silent_seconds: float | None = None  # since any worker's newest output; None: none yet
+    silence_timeout_seconds: float = 0.0  # 0: no silence check (before the first heartbeat)
     draining: bool = False  # this node is leaving (SIGTERM) and asked its workers to drain
+    regroup: bool = False  # the membership changes: the workers were asked to drain
     peer_failed: bool = False  # another node's workers failed: stop now
     node_lost: bool = False  # a member's lease expired
 
 
 def decide(obs: Observation) -> Decision:
     codes = list(obs.exit_codes)
-    failed = [c for c in codes if c is not None and c not in CLEAN]
-    if EXIT_CONFIG in failed:
+    failed = [c for c in codes if c is not None and c not in CLEAN_EXITS]
+    if ExitCode.CONFIG in failed:
         return Decision(Kind.CONFIG_ERROR, detail="a worker rejected the configuration")
-    if EXIT_DIVERGED in failed:
+    if ExitCode.DIVERGED in failed:
         return Decision(Kind.DIVERGED, detail="the divergence guard spent its rewind budget")
     if failed:
         return Decision(Kind.RESTART, Reason.CRASH, detail=f"worker exit codes {codes}")
-    if codes and all(c in CLEAN for c in codes):
-        if all(c == EXIT_OK for c in codes):
+    if codes and all(c in CLEAN_EXITS for c in codes):
+        if all(c == ExitCode.OK for c in codes):
             return Decision(Kind.DONE)
         if obs.draining:
             return Decision(Kind.DRAINED, Reason.DRAIN)
         return Decision(Kind.REGROUP, Reason.SCALE, detail="the group drained for a new round")
-    if any(c in CLEAN for c in codes):
-        return Decision(Kind.CONTINUE)  # the others are finishing the same step
+    if any(c in CLEAN_EXITS for c in codes):
+        # The others are finishing the same step; unless they stopped making progress.
+        hang = _hang(obs)
+        return Decision(Kind.RESTART, Reason.HANG, detail=hang) if hang else CONTINUE
+    if not obs.heartbeats_seen and (obs.draining or obs.regroup):
+        # A loop without the worker API cannot drain: stop it now; it resumes from its own
+        # checkpoints in the next round.
+        detail = "workers do not read drain requests: stopped"
+        if obs.draining:
+            return Decision(Kind.DRAINED, Reason.DRAIN, detail=detail)
+        return Decision(Kind.REGROUP, Reason.SCALE, detail=detail)
     # Only now peers: nodes that finished or drained leave too, and that is no failure of ours.
     if obs.node_lost:
         return Decision(Kind.RESTART, Reason.NODE_LOST, detail="a member's lease expired")
     if obs.peer_failed:
         return Decision(Kind.RESTART, Reason.CRASH, detail="workers failed on another node")
-    silent_seconds = obs.now_unix - obs.last_progress_unix
-    if silent_seconds > obs.hang_timeout_seconds:
-        return Decision(
-            Kind.RESTART, Reason.HANG, detail=f"no step progress for {silent_seconds:.1f} s"
-        )
-    return Decision(Kind.CONTINUE)
+    hang = _hang(obs)
+    if hang:
+        return Decision(Kind.RESTART, Reason.HANG, detail=hang)
+    return CONTINUE
+
+
+def _hang(obs: Observation) -> str:
+    """Why the workers look hung ("" when they do not)."""
+    if obs.heartbeats_seen:
+        stalled_seconds = obs.now_unix - obs.last_progress_unix
+        if stalled_seconds > obs.hang_timeout_seconds:
+            return f"no step progress for {stalled_seconds:.1f} s"
+        return ""
+    silent = obs.silent_seconds
+    if silent is not None and 0 < obs.silence_timeout_seconds < silent:
+        return f"no heartbeat yet and no output for {silent:.1f} s"
+    return ""
 
 
 class RestartBudget:

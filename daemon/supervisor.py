@@ -4,8 +4,8 @@ One instance per node (``elasticd run``). The loop is deliberately flat:
 
     while not terminal:
         assignment = group.join()           # a rendezvous round over etcd v3
-        workers = start(assignment)         # nproc_per_node x `python -m model.train`
-        decision = monitor(workers)         # exits, heartbeats, peers, leases, signals
+        workers = start(assignment)         # nproc_per_node x `worker.command`
+        decision = monitor(workers)         # exits, heartbeats, output, peers, leases, signals
         apply(decision)                     # restart / regroup / drain / done / fail
 
 Every decision comes from :func:`daemon.policy.decide`; this module applies it. Workers are
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import lifecycle
-from daemon.config import DaemonConfig, write_resolved
+from daemon.config import DaemonConfig, resolved_path, write_resolved
 from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir
 from daemon.group import Group, GroupUnavailable
 from daemon.http import StatusServer
@@ -33,6 +33,7 @@ from daemon.lifecycle import State
 from daemon.metrics import NodeMetrics
 from daemon.policy import Decision, Kind, Observation, Reason, RestartBudget, decide
 from daemon.workers import (
+    LOG_TAIL_LINES,
     RoundAssignment,
     StandbyPool,
     WorkerGroup,
@@ -41,14 +42,12 @@ from daemon.workers import (
 )
 from elastic import jsonlog
 from elastic.channel import DaemonChannel
+from elastic.protocol import CLEAN_EXITS, SLOW_PHASES, Action, Event, ExitCode, Heartbeat, Phase
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
-EXIT_DIVERGED = 3
-SLOW_PHASES = frozenset({"start", "load", "save", "eval"})
 # Worker events that also go to the run's event log in etcd (elasticctl events).
-RELAYED_EVENTS = frozenset({"rewind", "diverged", "divergence", "checkpoint_commit", "drain"})
+_EVENT_LOG = frozenset(
+    {Event.REWIND, Event.DIVERGED, Event.DIVERGENCE, Event.CHECKPOINT_COMMIT, Event.DRAIN}
+)
 
 
 class Supervisor:
@@ -79,6 +78,7 @@ class Supervisor:
         self.restart_count = 0
         self.last_step = 0
         self.detail = ""
+        self.last_failure: dict[str, Any] | None = None  # the newest failed worker's report
         self._etcd: EmbeddedEtcd | None = None
         self._http: StatusServer | None = None
         self.group: Group | None = None
@@ -98,13 +98,16 @@ class Supervisor:
             self._publish_status()
 
     def status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "node": self.node,
             "state": self.state.value,
             "last_step": self.last_step,
             "restarts": self.restart_count,
             "detail": self.detail,
         }
+        if self.last_failure is not None:
+            status["last_failure"] = self.last_failure
+        return status
 
     def _publish_status(self) -> None:
         if self.group is not None:
@@ -123,8 +126,10 @@ class Supervisor:
         self.wake.set()
 
     def _run(self) -> int:
-        self.config_path = write_resolved(self.config, self.document)
+        write_resolved(self.config, self.document)
+        self.config_path = resolved_path(self.config)
         self.pool = StandbyPool(
+            worker=self.config.worker,
             config_path=self.config_path,
             base_env=self.environ,
             size=self.config.nproc_per_node * self.config.watchdog.standby_rounds,
@@ -152,7 +157,7 @@ class Supervisor:
             if self.terminate.is_set():
                 self.transition(State.DRAINING, reason="signal before a round")
                 self.transition(State.STOPPED)
-                return EXIT_OK
+                return ExitCode.OK
             assignment = self._join()
             if assignment is None:
                 continue
@@ -242,6 +247,8 @@ class Supervisor:
                 run_id=self.config.run_id,
                 node=self.node,
                 worker_dir=worker_dir,
+                config_path=self.config_path,
+                extra=self.config.worker.env,
             )
             for i in range(assignment.nproc_per_node)
         ]
@@ -263,9 +270,9 @@ class Supervisor:
 
     def _on_worker_line(self, local_rank: int, record: dict[str, Any]) -> None:
         self.metrics.on_worker_line(record)
-        if record.get("event") == "step":
+        if record.get("event") == Event.STEP:
             self.last_step = int(record.get("step", self.last_step))
-        elif self.group is not None and record.get("event") in RELAYED_EVENTS:
+        elif self.group is not None and record.get("event") in _EVENT_LOG:
             self.group.event({k: v for k, v in record.items() if k != "ts"})
 
     def _monitor(
@@ -280,17 +287,17 @@ class Supervisor:
             if self.terminate.is_set() and not draining:
                 draining = True
                 self.transition(State.DRAINING, reason="SIGTERM")
-                channel.send("drain")
+                channel.send(Action.DRAIN)
                 drain_deadline = time.monotonic() + self.config.drain.timeout_seconds
             if not draining and not regroup and self.group.regroup_wanted(assignment):
                 regroup = True
                 self.log.info("regroup", reason="membership change", round=assignment.round_id)
-                channel.send("drain")
+                channel.send(Action.DRAIN)
             self._relay_control(channel)
             now = time.time()
             beats = channel.heartbeats()
             progress.update(beats, now)
-            if progress.trained_a_step and not pool_filled:
+            if progress.training(now, blind_after_seconds=wd.timeout_seconds) and not pool_filled:
                 self.pool.fill()  # training runs: warm the next round's workers now
                 pool_filled = True
             self.last_step = max(self.last_step, progress.step)
@@ -303,7 +310,11 @@ class Supervisor:
                 hang_timeout_seconds=(
                     wd.startup_timeout_seconds if progress.slow_phase else wd.timeout_seconds
                 ),
+                heartbeats_seen=progress.heartbeats_seen,
+                silent_seconds=workers.silent_seconds(time.monotonic()),
+                silence_timeout_seconds=self.config.worker.silence_timeout_seconds,
                 draining=draining,
+                regroup=regroup,
                 peer_failed=self.group.peer_failed(assignment),
                 node_lost=self.group.member_lost(assignment),
             )
@@ -332,18 +343,12 @@ class Supervisor:
         assert self.group is not None
         if decision.kind is Kind.RESTART and decision.reason is Reason.CRASH:
             self.group.announce_failure(assignment, decision.detail)
+        # Before stop(): what exited on its own, not what our SIGTERM ended.
+        failed = [e for e in workers.poll() if e.returncode not in CLEAN_EXITS]
         workers.stop()
-        exits = [e for e in workers.poll() if e.returncode != 0]
-        for e in exits:
-            cause = read_error_file(worker_dir, e.local_rank)
-            self.log.warning(
-                "worker_exit",
-                local_rank=e.local_rank,
-                returncode=e.returncode,
-                signal=e.signal_name,
-                cause=cause,
-                round=assignment.round_id,
-            )
+        if failed:
+            self.last_failure = workers.failure(failed[0])
+        self._log_exits(workers, worker_dir, assignment)
         self.log.info(
             "round_end",
             decision=decision.kind.value,
@@ -356,25 +361,41 @@ class Supervisor:
             # remaining group's to recover from its newest committed checkpoint.
             self.transition(State.STOPPED, reason="drained", detail=decision.detail)
             self.group.leave()
-            return EXIT_OK
+            return ExitCode.OK
         if decision.kind is Kind.DONE:
             self.transition(State.STOPPED, reason="training finished")
             self.group.mark_run("done")
-            return EXIT_OK
+            return ExitCode.OK
         if decision.kind is Kind.DRAINED:
             self.transition(State.STOPPED, reason="drained")
             self.group.leave()
-            return EXIT_OK
+            return ExitCode.OK
         if decision.kind is Kind.CONFIG_ERROR:
             self.detail = decision.detail
             self.transition(State.FAILED, reason=decision.detail)
-            return EXIT_CONFIG
+            return ExitCode.CONFIG
         if decision.kind is Kind.DIVERGED:
             self.detail = decision.detail
             self.transition(State.DIVERGED, reason=decision.detail)
             self.group.mark_run("diverged")
-            return self._linger(EXIT_DIVERGED)
+            return self._linger(ExitCode.DIVERGED)
         return self._restart(decision)
+
+    def _log_exits(
+        self, workers: WorkerGroup, worker_dir: Path, assignment: RoundAssignment
+    ) -> None:
+        for e in workers.poll():
+            if e.returncode == ExitCode.OK:
+                continue
+            self.log.warning(
+                "worker_exit",
+                local_rank=e.local_rank,
+                returncode=e.returncode,
+                signal=e.signal_name,
+                cause=read_error_file(worker_dir, e.local_rank),
+                output_tail=workers.tail(e.local_rank)[-LOG_TAIL_LINES:],
+                round=assignment.round_id,
+            )
 
     def _restart(self, decision: Decision) -> int | None:
         reason = decision.reason or Reason.CRASH
@@ -389,7 +410,7 @@ class Supervisor:
             self.transition(State.FAILED, reason=self.detail)
             assert self.group is not None
             self.group.mark_run("failed")
-            return self._linger(EXIT_FAILED)
+            return self._linger(ExitCode.FAILED)
         self.restart_count += 1
         self.log.info(
             "restart", reason=reason.value, detail=decision.detail, restart_count=self.restart_count
@@ -405,21 +426,34 @@ class Supervisor:
 
 
 class _Progress:
-    """Step progress of this node's workers from their heartbeats."""
+    """Step progress of this node's workers from their heartbeats (none from a loop without
+    the worker API: then ``heartbeats_seen`` stays False and the step stays 0)."""
 
     def __init__(self, now: float) -> None:
+        self._started = now
         self.last_change = now
         self.step = 0
         self.start_step: int | None = None  # the step the workers resumed from
         self.slow_phase = True
         self.paused = False
-        self._seen: dict[int, tuple[int, str]] = {}
+        self._seen: dict[int, tuple[int, Phase]] = {}
 
     @property
     def trained_a_step(self) -> bool:
         return self.start_step is not None and self.step > self.start_step
 
-    def update(self, beats: Mapping[int, Any], now: float) -> None:
+    @property
+    def heartbeats_seen(self) -> bool:
+        return bool(self._seen)
+
+    def training(self, now: float, *, blind_after_seconds: float) -> bool:
+        """Whether the round is past its start-up (the pool may warm the next one). A loop
+        without heartbeats shows nothing: taken as training once it has run that long."""
+        if self.heartbeats_seen:
+            return self.trained_a_step
+        return now - self._started > blind_after_seconds
+
+    def update(self, beats: Mapping[int, Heartbeat], now: float) -> None:
         if not beats:
             return
         changed = False
@@ -434,7 +468,7 @@ class _Progress:
             self.start_step = min(b.step for b in beats.values())
         phases = {b.phase for b in beats.values()}
         self.slow_phase = bool(phases & SLOW_PHASES) or all(b.step == 0 for b in beats.values())
-        self.paused = phases == {"paused"}
+        self.paused = phases == {Phase.PAUSED}
         self.step = max(b.step for b in beats.values())
 
 

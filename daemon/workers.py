@@ -1,5 +1,11 @@
 """This node's worker processes: spawn with the torch elastic env contract, relay, stop.
 
+Workers run ``worker.command`` (any training loop) through the warm launcher
+``python -P -m elastic.worker.standby -- COMMAND...``, which imports torch ahead of the round
+(:class:`StandbyPool`). Their output is relayed line by line; the lines that are not protocol
+records (prints, warnings, tracebacks) are also kept, the last few per worker, for the failure
+report in the node's status.
+
 Why not ``torch.distributed.elastic.multiprocessing.start_processes``: the daemon must relay
 every worker line live, tagged with node and rank, and stop a whole process tree at once; that
 API tees to files and owns the signal handling. We keep its conventions instead: the same env
@@ -19,17 +25,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-from elastic.channel import WORKER_DIR_ENV, is_standby_ready
+from daemon.config import WorkerConfig
+from elastic.config import WORKER_ENV_PREFIX
+from elastic.protocol import Env, Event, error_file, is_standby_ready, parse_line, standby_order
 
-WORKER_MODULE = "model.train"
-NODE_ENV = "ELASTICD_WORKER_NODE"
+LAUNCHER = ("-P", "-m", "elastic.worker.standby", "--")
+TAIL_LINES = 20  # plain output lines kept per worker, for the failure report
+TAIL_LINE_CHARS = 200  # each cut to this: the report travels in the node's status in etcd
+LOG_TAIL_LINES = 5  # of which the worker_exit log line carries this many
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,14 @@ def worker_env(
     run_id: str,
     node: str,
     worker_dir: Path,
+    config_path: str,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The torch elastic env contract plus elasticd's worker channel."""
+    """The daemon's env, then ``extra`` (``worker.env``), then the torch elastic env contract
+    and elasticd's worker channel, which win."""
     rank = assignment.group_rank * assignment.nproc_per_node + local_rank
     env = {k: v for k, v in base.items() if not _is_config_env(k)}
+    env.update(extra or {})
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(local_rank),
@@ -90,13 +105,14 @@ def worker_env(
         MASTER_PORT=str(assignment.master_port),
         TORCHELASTIC_RUN_ID=run_id,
         TORCHELASTIC_RESTART_COUNT=str(assignment.restart_count),
-        TORCHELASTIC_ERROR_FILE=str(worker_dir / f"error-{local_rank}.json"),
+        TORCHELASTIC_ERROR_FILE=str(worker_dir / error_file(local_rank)),
         TORCHELASTIC_USE_AGENT_STORE="False",
-        OMP_NUM_THREADS=base.get("OMP_NUM_THREADS", "1"),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
         PYTHONUNBUFFERED="1",
     )
-    env[WORKER_DIR_ENV] = str(worker_dir)
-    env[NODE_ENV] = node
+    env[Env.WORKER_DIR.value] = str(worker_dir)
+    env[Env.NODE.value] = node
+    env[Env.CONFIG.value] = config_path
     return env
 
 
@@ -120,8 +136,8 @@ def _is_config_env(name: str) -> bool:
     # The resolved document already holds every override; workers must not re-apply them.
     return (
         name.startswith("ELASTICD_")
-        and not name.startswith("ELASTICD_WORKER_")
-        and name != "ELASTICD_ALLOW_FAULTS"
+        and not name.startswith(WORKER_ENV_PREFIX)
+        and name != Env.ALLOW_FAULTS
     )
 
 
@@ -129,21 +145,26 @@ class StandbyPool:
     """Worker processes started ahead of the next round, with Python and torch imported.
 
     ``import torch`` and the DCP/FSDP modules cost seconds per process; a restart that spawns
-    fresh workers pays it on the critical path. A standby process (``python -m model.train
-    --standby``) imports everything, then blocks on stdin until a round hands it its env. It
-    holds no distributed state, so it is as fresh as a new process.
+    fresh workers pays it on the critical path. A standby process (the launcher
+    ``elastic.worker.standby`` with ``worker.command`` after ``--``) imports them, then blocks
+    on stdin until a round hands it its env, then runs the command: in the same process when it
+    is a Python module or script of this interpreter, else by ``exec`` (cold, but the same
+    protocol). It holds no distributed state, so it is as fresh as a new process.
     """
 
-    def __init__(self, *, config_path: Path, base_env: Mapping[str, str], size: int) -> None:
-        self._args = [
-            sys.executable,
-            "-m",
-            WORKER_MODULE,
-            "--config",
-            str(config_path),
-            "--standby",
-        ]
+    def __init__(
+        self,
+        *,
+        worker: WorkerConfig,
+        config_path: str,
+        base_env: Mapping[str, str],
+        size: int,
+    ) -> None:
+        self.command = worker.argv(python=sys.executable, config_path=config_path)
+        self._args = [sys.executable, *LAUNCHER, *self.command]
+        self._cwd = worker.cwd or None
         self._env = {k: v for k, v in base_env.items() if not _is_config_env(k)}
+        self._env.update(worker.env)
         self._env.setdefault("OMP_NUM_THREADS", "1")
         self._env["PYTHONUNBUFFERED"] = "1"
         self._size = size
@@ -153,6 +174,7 @@ class StandbyPool:
     def spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             self._args,
+            cwd=self._cwd,
             env=self._env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -196,14 +218,16 @@ class StandbyPool:
                     self._warm.add(proc.pid)
         return True
 
-    def take(self) -> subprocess.Popen[bytes]:
-        """A warm process if one is alive, else a cold one (same protocol either way)."""
+    def take(self) -> tuple[subprocess.Popen[bytes], bool]:
+        """A live process, and whether :meth:`wait_ready` consumed its ready line (warm); else
+        its ready line is still to come on its stdout. Cold when none is left (same protocol)."""
         while self._ready:
             proc = self._ready.pop(0)
+            warm = proc.pid in self._warm
             self._warm.discard(proc.pid)
             if proc.poll() is None:
-                return proc
-        return self.spawn()
+                return proc, warm
+        return self.spawn(), False
 
     def close(self) -> None:
         for proc in self._ready:
@@ -214,7 +238,14 @@ class StandbyPool:
 
 
 class WorkerGroup:
-    """``nproc_per_node`` worker processes of one round, their relays and their exit codes."""
+    """``nproc_per_node`` worker processes of one round, their relays and their exit codes.
+
+    Per worker it also keeps the last :data:`TAIL_LINES` plain output lines (:meth:`tail`) and
+    when it last printed (:meth:`last_output`): a loop without the worker API writes no
+    heartbeat, and its output is all the daemon can watch and report. Output counts from the
+    launcher's ready line on; what the launcher printed while importing says nothing of the
+    loop.
+    """
 
     def __init__(
         self,
@@ -225,22 +256,30 @@ class WorkerGroup:
         out: TextIO = sys.stdout,
         on_line: Callable[[int, dict[str, Any]], None] | None = None,
         on_exit: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.command = pool.command
         self._printer = structlog.PrintLogger(file=out)
         self._node = node
         self._on_line = on_line
         self._on_exit = on_exit
+        self._clock = clock
         self._procs: list[subprocess.Popen[bytes]] = []
         self._relays: list[threading.Thread] = []
+        self._tails: list[deque[str]] = [deque(maxlen=TAIL_LINES) for _ in envs]
+        # Written by the relay threads, read by the monitor: one float per slot, replaced whole.
+        self._last_output: list[float | None] = [None] * len(envs)
         for local_rank, env in enumerate(envs):
-            proc = pool.take()
+            proc, warm = pool.take()
             assert proc.stdin is not None
             # The round's env: the only thing a standby process waits for.
-            proc.stdin.write(json.dumps({"env": env}).encode() + b"\n")
+            proc.stdin.write(standby_order(env))
             proc.stdin.close()
             self._procs.append(proc)
             relay = threading.Thread(
-                target=self._relay, args=(local_rank, int(env["RANK"]), proc), daemon=True
+                target=self._relay,
+                args=(local_rank, int(env["RANK"]), proc, warm),
+                daemon=True,
             )
             relay.start()
             self._relays.append(relay)
@@ -249,6 +288,26 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         """Worker process ids, by local rank."""
         return [p.pid for p in self._procs]
+
+    def tail(self, local_rank: int) -> list[str]:
+        """The worker's last plain output lines (not protocol records), oldest first."""
+        return list(self._tails[local_rank])
+
+    def last_output(self, local_rank: int) -> float | None:
+        """Clock time of the worker's last output line; None when it printed nothing yet."""
+        return self._last_output[local_rank]
+
+    def silent_seconds(self, now: float) -> float | None:
+        """Since the newest output line of any of the workers, by the injected clock; None
+        while none has printed. Any, not each: in a loop where only global rank 0 prints,
+        the other ranks are quiet, not stuck, and a stuck group silences rank 0 too."""
+        printed = [t for t in self._last_output if t is not None]
+        return now - max(printed) if printed else None
+
+    def failure(self, worker_exit: WorkerExit) -> dict[str, Any]:
+        """What ``elasticctl status`` shows of a failed worker."""
+        tail = self.tail(worker_exit.local_rank)
+        return failure_report(command=self.command, worker_exit=worker_exit, output_tail=tail)
 
     def poll(self) -> list[WorkerExit]:
         """Exits so far (any order); empty while all run."""
@@ -283,13 +342,19 @@ class WorkerGroup:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
 
-    def _relay(self, local_rank: int, rank: int, proc: subprocess.Popen[bytes]) -> None:
+    def _relay(self, local_rank: int, rank: int, proc: subprocess.Popen[bytes], warm: bool) -> None:
         assert proc.stdout is not None
+        running = warm  # the loop runs after the launcher's ready line
         for raw in proc.stdout:
+            if running:
+                self._last_output[local_rank] = self._clock()
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            record = _parse(line)
+            record = parse_line(line)
+            if record is not None and record.get("event") == Event.STANDBY_READY:
+                running = True
             if record is None:
-                record = {"event": "worker_output", "text": line}
+                self._tails[local_rank].append(line[:TAIL_LINE_CHARS])
+                record = {"event": Event.WORKER_OUTPUT.value, "text": line}
             record.setdefault("node", self._node)
             record.setdefault("rank", rank)
             record.setdefault("local_rank", local_rank)
@@ -307,19 +372,21 @@ class WorkerGroup:
             self._on_exit(local_rank)
 
 
-def _parse(line: str) -> dict[str, Any] | None:
-    if not line.startswith("{"):
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
+def failure_report(
+    *, command: Sequence[str], worker_exit: WorkerExit, output_tail: Sequence[str]
+) -> dict[str, Any]:
+    """A failed worker as the node's status shows it: what ran, how it ended, what it said."""
+    return {
+        "command": list(command),
+        "local_rank": worker_exit.local_rank,
+        "returncode": worker_exit.returncode,
+        "output_tail": list(output_tail)[-TAIL_LINES:],
+    }
 
 
 def read_error_file(worker_dir: Path, local_rank: int) -> str | None:
     """The worker's root cause from torch's error file, if it wrote one."""
-    path = worker_dir / f"error-{local_rank}.json"
+    path = worker_dir / error_file(local_rank)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):

@@ -3,7 +3,9 @@
     elasticctl [--config FILE] [--etcd ENDPOINTS] [--run-id ID] [--key-prefix P]
                [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--user NAME] COMMAND
 
-    status [--json]                  the run's state, round, members, world size, last step
+    status [--json]                  the run's state, round, members, world size, last step,
+                                     and each node's last failed worker (command, exit code,
+                                     last output lines)
     events [--limit N] [--json]      the run's bounded event log (oldest first)
     checkpoints [--url URL] [--verify]
                                      committed checkpoints, known-good flags, file checks
@@ -32,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -201,7 +204,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ],
             )
         )
+    for line in failure_lines(members):
+        print(line)
     return EXIT_OK
+
+
+def failure_lines(members: Mapping[str, Any]) -> list[str]:
+    """Per node with a ``last_failure`` in its status: the command, exit code and last output
+    lines of its newest failed worker (a loop's traceback is usually all there is to see)."""
+    lines: list[str] = []
+    for node, info in sorted(members.items()):
+        failure = info.get("last_failure") if isinstance(info, Mapping) else None
+        if not isinstance(failure, Mapping):
+            continue
+        lines += [
+            "",
+            f"last failure on {node}: local rank {failure.get('local_rank')}, "
+            f"exit code {failure.get('returncode')}",
+            f"  command: {shlex.join(str(a) for a in failure.get('command') or [])}",
+            *(f"  | {text}" for text in failure.get("output_tail") or []),
+        ]
+    return lines
 
 
 def cmd_events(args: argparse.Namespace) -> int:

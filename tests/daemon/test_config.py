@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import resolve, write_resolved
+from daemon.config import (
+    DEFAULT_COMMAND,
+    DaemonConfig,
+    WorkerConfig,
+    resolve,
+    resolved_path,
+    write_resolved,
+)
 from elastic.config import ConfigError
 from tests.support.procs import REPO, base_env, write_config
 
@@ -58,6 +66,10 @@ BAD_INPUT = [
     (
         {"data": {"demo": False, "sources": [{"name": "web", "url": "/nope/web"}]}},
         "data.sources[0].url='/nope/web'",
+    ),
+    (
+        {"worker": {"command": "python train.py"}},
+        "worker.command='python train.py': must be a list",
     ),
 ]
 
@@ -137,3 +149,78 @@ def test_daemons_sharing_a_run_dir_write_the_resolved_config_without_racing(
     resolved = tmp_path / "run" / "config.resolved.yaml"
     assert yaml.safe_load(resolved.read_text())["run_id"] == "cfg"
     assert sorted(p.name for p in resolved.parent.iterdir()) == ["config.resolved.yaml"]
+
+
+def _resolve_worker(tmp: Path, worker: dict[str, object], **sections: object) -> DaemonConfig:
+    path = write_config(tmp / "job.yaml", {**minimal(tmp), "worker": worker, **sections})
+    return resolve(str(path), environ={"PATH": os.environ.get("PATH", "")})[0]
+
+
+BAD_WORKER = [
+    ({"command": "python train.py"}, "worker.command='python train.py': must be a list"),
+    ({"command": []}, "worker.command=[]: must be a non-empty list"),
+    ({"command": ["python", ""]}, "worker.command=['python', '']: items must be non-empty"),
+    ({"command": ["python", None]}, "worker.command[1]=None: must be a string"),
+    ({"command": ["{python}", "{nodes}"]}, "worker.command=['{python}', '{nodes}']: unknown"),
+    ({"command": ["{python}", "nope.py"]}, "worker.command=['{python}', 'nope.py']: script"),
+    ({"command": ["no-such-program-xyz"]}, "program 'no-such-program-xyz' not found"),
+    ({"env": ["A=1"]}, "worker.env=['A=1']: must be a mapping"),
+    ({"env": {"A": None}}, "worker.env.A=None: must be a string"),
+    ({"cwd": "/nope/not/here"}, "worker.cwd='/nope/not/here': not an existing directory"),
+    ({"silence_timeout_seconds": -1}, "worker.silence_timeout_seconds=-1.0: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("worker", "expected"), BAD_WORKER)
+def test_a_bad_worker_value_is_one_config_error_line_naming_key_and_value(
+    tmp_path: Path, worker: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _resolve_worker(tmp_path, worker)
+    assert expected in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_custom_command_skips_the_bundled_trainers_workload_check(tmp_path: Path) -> None:
+    (tmp_path / "loop.py").write_text("print('training')\n")
+    custom = {"command": ["{python}", "-u", "loop.py"], "cwd": str(tmp_path)}
+    config = _resolve_worker(tmp_path, custom, model={"size": "nonsense"})
+    assert config.worker.command == ("{python}", "-u", "loop.py")
+    with pytest.raises(ConfigError, match=r"model\.size='nonsense'"):
+        _resolve_worker(tmp_path, {}, model={"size": "nonsense"})
+
+
+def test_a_script_is_looked_up_in_the_workers_directory_and_a_program_on_path(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "loops").mkdir()
+    (tmp_path / "loops" / "loop.py").write_text("")
+    in_cwd = {"command": ["python3", "-X", "dev", "loop.py"], "cwd": str(tmp_path / "loops")}
+    assert _resolve_worker(tmp_path, in_cwd).worker.cwd == str(tmp_path / "loops")
+    module = {"command": ["{python}", "-m", "anything.at.all"]}
+    assert _resolve_worker(tmp_path, module).worker.command[1] == "-m"
+    program = {"command": ["sh", "-c", "exec {python} -m x"]}
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        _resolve_worker(tmp_path, {"command": ["sh", "-c", "{shell}"]})
+    assert _resolve_worker(tmp_path, program).worker.command[0] == "sh"
+
+
+def test_the_command_expands_python_and_config_and_leaves_other_braces_alone() -> None:
+    worker = WorkerConfig(command=("{python}", "t.py", "--config={config}", '{"lr": 1}'))
+    argv = worker.argv(python="/venv/bin/python", config_path="/run/config.resolved.yaml")
+    assert argv == ("/venv/bin/python", "t.py", "--config=/run/config.resolved.yaml", '{"lr": 1}')
+    assert WorkerConfig().argv(python="/py", config_path="/c.yaml") == (
+        "/py",
+        "-P",
+        "-m",
+        "model.train",
+        "--config",
+        "/c.yaml",
+    )
+
+
+def test_the_resolved_document_records_the_worker_section(tmp_path: Path) -> None:
+    config = _resolve_worker(tmp_path, {"env": {"HF_HOME": "/cache"}})
+    resolved = yaml.safe_load(write_resolved(config, {}).read_text())
+    assert resolved["worker"]["command"] == list(DEFAULT_COMMAND)
+    assert resolved["worker"]["env"] == {"HF_HOME": "/cache"}
+    assert resolved_path(config) == str((tmp_path / "run" / "config.resolved.yaml").absolute())

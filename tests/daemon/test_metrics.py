@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from daemon import metrics as metrics_module
 from daemon.metrics import NodeMetrics
+from elastic.protocol import METRIC_EVENTS
 from ops import metrics_catalog
 
 
@@ -74,3 +76,16 @@ def test_state_gauge_is_one_hot() -> None:
     }
     assert states["draining"] == 1
     assert sum(states.values()) == 1
+
+
+def test_every_metric_event_of_the_protocol_has_a_handler() -> None:
+    assert set(metrics_module._HANDLERS) == METRIC_EVENTS
+
+
+def test_a_loops_own_events_and_plain_output_update_nothing() -> None:
+    metrics = fresh()
+    before = scrape(metrics)
+    metrics.on_worker_line({"event": "my_loop_event", "step": 7})
+    metrics.on_worker_line({"event": "worker_output", "text": "hello"})
+    metrics.on_worker_line({"text": "no event at all"})
+    assert scrape(metrics) == before

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,20 @@ def test_a_crash_loop_stops_at_the_budget_marks_the_run_failed_and_keeps_healthz
         assert code == 200 and body["state"] == "failed" and "crash loop" in body["detail"]
         assert len(node.events("restart")) == 2
         assert node.proc.poll() is None  # still up, serving /healthz
+        # What `elasticctl status` shows of it: the failed worker's command and exit code.
+        failure = wait_for(
+            lambda: _member(store, "solo").get("last_failure"),
+            timeout_seconds=30,
+            what="the failed worker in the node's status",
+        )
+        assert failure["returncode"] > 0 and failure["local_rank"] == 0  # exited, not killed
+        assert failure["command"][1:4] == ["-P", "-m", "model.train"]
+        assert isinstance(failure["output_tail"], list)
+
+
+def _member(store: RunStore, node: str) -> dict[str, Any]:
+    member = ((store.get_status() or {}).get("members") or {}).get(node)
+    return member if isinstance(member, dict) else {}
 
 
 FIVE_FAULTS = [

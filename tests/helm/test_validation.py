@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon.config import DaemonConfig, NodesConfig, WatchdogConfig
+from daemon.config import DaemonConfig, NodesConfig, WatchdogConfig, WorkerConfig
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.config import yaml_key
 from elastic.rendezvous import EtcdConfig
@@ -39,12 +39,14 @@ CHART_OWNED = {
     "etcd": {"endpoints", "tls_ca", "tls_cert", "tls_key", "user", "password"},
     "checkpoint": {"url"},
     "watchdog": set(),
+    "worker": set(),
 }
 SECTION_CLASSES: dict[str, type] = {
     "nodes": NodesConfig,
     "etcd": EtcdConfig,
     "checkpoint": CheckpointConfig,
     "watchdog": WatchdogConfig,
+    "worker": WorkerConfig,
 }
 
 
@@ -118,6 +120,8 @@ def test_crd_check_rejects_a_bad_duration_and_a_rule_without_expr() -> None:
         (["--set", "config.checkpoint.url=/x"], "/config/checkpoint", "'url' not allowed"),
         (["--set", "config.watchdog.timeout=5"], "/config/watchdog", "'timeout' not allowed"),
         (["--set", "config.trian.steps=5"], "/config", "'trian' not allowed"),
+        (["--set", "config.worker.command=python train.py"], "/config/worker/command", "array"),
+        (["--set-json", 'config.worker.env={"A":1}'], "/config/worker/env/A", "want string"),
     ],
 )
 def test_the_schema_refuses_wrong_types_unknown_keys_and_bad_enums(

@@ -1,0 +1,56 @@
+"""The supervisor's bookkeeping without processes: its status (with the failure report that
+``elasticctl status`` shows) and how it reads a round's heartbeats."""
+
+from __future__ import annotations
+
+from daemon.config import DaemonConfig
+from daemon.supervisor import Supervisor, _Progress
+from daemon.workers import WorkerExit, failure_report
+from elastic.protocol import Heartbeat, Phase
+
+
+def supervisor() -> Supervisor:
+    return Supervisor(DaemonConfig(), {}, node_id="node-a", environ={})
+
+
+def test_a_node_without_failed_workers_has_no_last_failure() -> None:
+    assert "last_failure" not in supervisor().status()
+
+
+def test_a_failed_workers_command_exit_code_and_output_tail_go_into_the_node_status() -> None:
+    sup = supervisor()
+    tail = [f"line {i}" for i in range(30)]
+    sup.last_failure = failure_report(
+        command=["/usr/bin/python3", "train.py"],
+        worker_exit=WorkerExit(local_rank=1, returncode=1),
+        output_tail=tail,
+    )
+    assert sup.status()["last_failure"] == {
+        "command": ["/usr/bin/python3", "train.py"],
+        "local_rank": 1,
+        "returncode": 1,
+        "output_tail": tail[-20:],
+    }
+
+
+def beat(step: int, phase: Phase) -> Heartbeat:
+    return Heartbeat(local_rank=0, step=step, phase=phase, time_unix=0.0, pid=1)
+
+
+def test_progress_without_heartbeats_counts_as_training_only_after_the_blind_period() -> None:
+    progress = _Progress(100.0)
+    progress.update({}, 150.0)
+    assert not progress.heartbeats_seen
+    assert not progress.training(150.0, blind_after_seconds=60.0)
+    assert progress.training(161.0, blind_after_seconds=60.0)
+
+
+def test_progress_with_heartbeats_trains_once_a_step_is_done_and_pauses_on_phase() -> None:
+    progress = _Progress(100.0)
+    progress.update({0: beat(0, Phase.START)}, 101.0)
+    assert progress.heartbeats_seen and progress.slow_phase
+    assert not progress.training(1000.0, blind_after_seconds=60.0)
+    progress.update({0: beat(1, Phase.TRAIN)}, 102.0)
+    assert progress.training(102.0, blind_after_seconds=60.0) and not progress.slow_phase
+    progress.update({0: beat(1, Phase.PAUSED)}, 103.0)
+    assert progress.paused and progress.last_change == 103.0
