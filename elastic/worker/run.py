@@ -62,7 +62,9 @@ class StepVerdict:
 class _Outcome:
     agreed: AgreedStep
     verdict: Verdict
+    reported: bool  # the loop called report() (else the loss is unknown)
     lr: float | None
+    lr_scale: float
     counted: bool  # the loop passed token counts (else tokens_per_s is unknown)
     fields: Mapping[str, Any]
 
@@ -99,6 +101,7 @@ class Run:
         self._restored = False
         self._current: int | None = None
         self._outcome: _Outcome | None = None
+        self._phase_seconds = 0.0  # of the current step, spent in run.phase(...)
 
     # ----------------------------------------------------------------- set-up
     def track(self, **objects: Any) -> None:
@@ -148,12 +151,13 @@ class Run:
         while self.step < total:
             step = self.step + 1
             self.drills.before_step(step)
-            self._current, self._outcome = step, None
+            self._current, self._outcome, self._phase_seconds = step, None, 0.0
             started = time.perf_counter()
             yield step
             if self._outcome is None:
-                self.report(loss=0.0)  # the control vote still has to happen
-            duration = time.perf_counter() - started
+                self._vote(step, loss=None)  # the control vote still has to happen
+            # Time in a phase (eval) is not the step's: tokens_per_s measures training.
+            duration = time.perf_counter() - started - self._phase_seconds
             self._current = None
             self.step = step
             self._log_step(step, duration)
@@ -182,12 +186,38 @@ class Run:
         step = self._current
         if step is None:
             raise RuntimeError("report() is called inside a step of run.steps()")
+        if self._outcome is not None:
+            raise RuntimeError(f"report() called twice in step {step}: once per step")
         if self.drills.nan(step):
             loss = loss * float("nan")
+        outcome = self._vote(
+            step, loss=loss, grad_norm=grad_norm, tokens=tokens, lr=lr, fields=fields
+        )
+        return StepVerdict(
+            apply=outcome.verdict.action is Action.OK,
+            lr_scale=outcome.lr_scale,
+            loss=outcome.agreed.loss,
+            grad_norm=outcome.agreed.grad_norm,
+            action=outcome.verdict.action,
+            reasons=tuple(outcome.verdict.reasons),
+        )
+
+    def _vote(
+        self,
+        step: int,
+        *,
+        loss: Number | None,
+        grad_norm: Number | None = None,
+        tokens: Number | None = None,
+        lr: float | None = None,
+        fields: Mapping[str, Any] | None = None,
+    ) -> _Outcome:
+        """COLLECTIVE: the step vote, then the guard's verdict (``loss`` None: a step the loop
+        did not report, which votes on control only and never reaches the guard)."""
         self._control.take(self.channel.poll())
         c = self._control
         vote = StepVote.of(
-            loss=loss,
+            loss=0.0 if loss is None else loss,
             tokens=tokens,
             grad_norm=grad_norm,
             drain=c.drain,
@@ -196,24 +226,25 @@ class Run:
             is_main=self.info.is_main,
         )
         agreed = vote.agree(self.info.device)
-        verdict = self.recovery.observe(
-            step, loss=agreed.loss, grad_norm=agreed.grad_norm, finite=agreed.finite
-        )
+        verdict = Verdict(Action.OK)
+        if loss is not None:
+            verdict = self.recovery.observe(
+                step, loss=agreed.loss, grad_norm=agreed.grad_norm, finite=agreed.finite
+            )
         # An async save copies the state in the background while forward and backward run
         # (they only read it); the copy must be complete before the state changes in place.
         self.ckpt.wait_staged()
         lr_scale = self.lr_scale(step)
         self._outcome = _Outcome(
-            agreed, verdict, None if lr is None else lr * lr_scale, tokens is not None, fields
-        )
-        return StepVerdict(
-            apply=verdict.action is Action.OK,
+            agreed=agreed,
+            verdict=verdict,
+            reported=loss is not None,
+            lr=None if lr is None else lr * lr_scale,
             lr_scale=lr_scale,
-            loss=agreed.loss,
-            grad_norm=agreed.grad_norm,
-            action=verdict.action,
-            reasons=tuple(verdict.reasons),
+            counted=tokens is not None,
+            fields=dict(fields or {}),
         )
+        return self._outcome
 
     def lr_scale(self, step: int) -> float:
         """The learning-rate multiplier of ``step``: rewind damping times an lr_spike drill."""
@@ -256,7 +287,7 @@ class Run:
             code = self._on_anomaly(step, outcome)
             if code is not None:
                 return code
-        else:
+        elif outcome.reported:
             self.last_loss = outcome.agreed.loss
         if outcome.agreed.rewind_to is not None:
             self._control.rewind_to = None
@@ -387,8 +418,8 @@ class Run:
         agreed = outcome.agreed
         line: dict[str, Any] = {
             "step": step,
-            "loss": agreed.loss,
-            "grad_norm": agreed.grad_norm,
+            "loss": agreed.loss if outcome.reported else None,
+            "grad_norm": agreed.grad_norm if outcome.reported else None,
             "lr": outcome.lr,
             "world_size": self.info.world_size,
             "tokens_per_s": (
@@ -404,9 +435,12 @@ class Run:
 class _PhaseBeat:
     def __init__(self, run: Run, phase: Phase) -> None:
         self._run, self._phase = run, phase
+        self._started = 0.0
 
     def __enter__(self) -> None:
+        self._started = time.perf_counter()
         self._run.channel.beat(self._run.step, self._phase)
 
     def __exit__(self, *exc: object) -> None:
         self._run.channel.beat(self._run.step, Phase.TRAIN)
+        self._run._phase_seconds += time.perf_counter() - self._started

@@ -45,6 +45,8 @@ class ElasticSampler:
             raise ValueError(
                 f"global_batch_size={global_batch_size}: must be in 1..num_samples ({num_samples})"
             )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
         if global_batch_size % world_size:
             raise ValueError(
                 f"global_batch_size={global_batch_size}: does not divide into world size "
