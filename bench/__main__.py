@@ -24,6 +24,7 @@ BENCHMARKS = (
     "checkpoints",
     "resize",
     "node_loss",
+    "api_overhead",
     "recovery",
     "overhead",
     "rendezvous",

@@ -4,12 +4,16 @@ Usage: ``python bench/guard_overhead.py [--steps 600] [--world-size 2] [--fault-
 [--skip-overhead] [--skip-delays]``
 
 Overhead: one worker group (``--world-size`` ranks, gloo, tiny model, 8 x 32 tokens per step:
-the cheapest step, so the guard's share is largest) runs the trainer's own ``train_step()`` and
-known-good promotion, and swaps the guard between the run's real guard and a disabled one
-(``guard.enabled: false``) in the step pattern on, off, off, on (so neither setting owns the odd
-or the even steps); both settings see the same machine load and the same warm caches. Reported
-per setting: the median time of ``train_step()`` + ``_promote()`` over its steps after the
-first ``--discard``; the ratio on / off is the result (target <= 1.02). Separate runs per
+the cheapest step, so the guard's share is largest) runs the trainer's own ``train_step()``
+through the worker API (``run.steps()``, ``run.report()``: vote, guard, step boundary with
+known-good promotion), and swaps the run's guard (``run.recovery.guard``) between the
+configured one and a disabled one (``guard.enabled: false``) in the step pattern on, off, off,
+on (so neither setting owns the odd or the even steps); both settings see the same machine load
+and the same warm caches. The guard never escalates here (``skips_to_rewind`` out of reach,
+``sustained_steps: 0``): a rewind or a give-up would end the measurement; skipped steps still
+count. No checkpoint falls inside the run. Reported per setting: the median time of a step
+(body and the previous step's boundary) over its steps after the first ``--discard``; the
+ratio on / off is the result (target <= 1.02). Separate runs per
 setting are no good on a shared 2-core machine: their medians differed by 5-15%, in both
 directions, between identical runs. ``Guard.observe()`` is also timed alone in this process
 (full 128-step window).
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.ports import free_port
-from elastic.guard import Guard, GuardConfig, GuardState, RewindConfig
+from elastic.guard import Guard, GuardConfig, RewindConfig
 from model.prepare import ensure_demo
 from tests.support.jobs import SEQ_LEN, train_job
 from tests.support.procs import base_env, events, running, write_config
@@ -66,7 +69,14 @@ def run(root: Path, doc: dict[str, Any], *, world_size: int) -> Path:
 
 def overhead(root: Path, demo: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start ``--world-size`` copies of this script in ``--worker`` mode; rank 0's results."""
-    doc = job(root, demo, name="overhead", train={"steps": args.steps})
+    doc = job(
+        root,
+        demo,
+        name="overhead",
+        train={"steps": args.steps},
+        checkpoint={"url": str(root / "overhead" / "ckpt"), "interval_steps": args.steps + 1},
+        guard={"skips_to_rewind": 1_000_000, "sustained_steps": 0},
+    )
     config = write_config(root / "overhead.yaml", doc)
     out = root / "overhead.json"
     port = free_port()
@@ -96,40 +106,36 @@ def overhead(root: Path, demo: Path, args: argparse.Namespace) -> dict[str, Any]
 
 
 def worker(config: str, out: str, discard: int) -> None:
-    """One rank of the paired measurement: the guard alternates on, off, off, on."""
+    """One rank of the paired measurement: the guard alternates on, off, off, on.
 
-    from elastic.channel import WorkerChannel
-    from model import distributed
-    from model.config import resolve
-    from model.train import Trainer
+    The trainer's step runs through the worker API (``run.steps()`` + ``run.report()``) as in
+    ``python -m model.train``; the run's guard (``run.recovery.guard``) is swapped between the
+    configured one and a disabled one before each step. A step's time includes the previous
+    step's boundary (known-good promotion, step line, heartbeat), as bench/api_overhead.py.
+    """
+    from bench.api_overhead import Workload
 
-    job = resolve(config, environ={})
-    info = distributed.init(os.environ, device_preference="cpu")
-    trainer = Trainer(job, info, WorkerChannel(None, local_rank=info.local_rank))
-    guards = {"on": trainer.guard, "off": Guard(GuardConfig(enabled=False), job.rewind)}
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    saved = guards["on"].state_dict()
-    for step in range(1, job.train.steps + 1):
-        setting = "on" if step % 4 in (0, 3) else "off"  # ABBA: no odd/even bias
-        trainer.guard = guards[setting]
-        started = time.perf_counter()
-        trainer.train_step(step)
-        trainer.step = step
-        trainer._promote()
-        if step > discard:
-            times[setting].append(time.perf_counter() - started)
-        if guards["on"].state in (GuardState.REWINDING, GuardState.DIVERGED):
-            # An escalation would stop the measurement: carry on from before this step.
-            guards["on"] = Guard(job.guard, job.rewind, state=saved)
-        elif setting == "on":
-            saved = guards["on"].state_dict()
+    with tempfile.TemporaryDirectory(prefix="guard-bench-round-") as round_dir:
+        workload = Workload(config, worker_dir=round_dir)
+        recovery = workload.run.recovery
+        job = workload.trainer.job
+        guards = {"on": recovery.guard, "off": Guard(GuardConfig(enabled=False), job.rewind)}
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        for step in range(1, job.train.steps + 1):
+            setting = "on" if step % 4 in (0, 3) else "off"  # ABBA: no odd/even bias
+            recovery.guard = guards[setting]
+            elapsed = workload.api_step()
+            if step > discard:
+                times[setting].append(elapsed)
+        recovery.guard = guards["on"]
+        info = workload.run.info
+        workload.close()
     result: dict[str, Any] = {}
     for setting, values in times.items():
         result[setting] = {"steps": len(values), "median_step_ms": 1000 * statistics.median(values)}
     result["ratio"] = result["on"]["median_step_ms"] / result["off"]["median_step_ms"]
     if info.is_main:
         Path(out).write_text(json.dumps(result))
-    distributed.shutdown(clean=True)  # the caller exits with distributed.exit_now
 
 
 def observe_microseconds(calls: int = 20_000) -> float:

@@ -231,7 +231,11 @@ class StandbyWatch:
         last, idle_scans = None, 0
         while cpu_seconds(self.pid) is not None and idle_scans < 3:
             active = self._active_pids()
-            spare = [c for c in children(self.pid) if "--standby" in cmdline(c) and c not in active]
+            spare = [
+                c
+                for c in children(self.pid)
+                if "elastic.worker.standby" in cmdline(c) and c not in active
+            ]
             total = sum(cpu_seconds(c) or 0.0 for c in spare)
             if spare and last is not None and total - last < 0.05:
                 idle_scans += 1

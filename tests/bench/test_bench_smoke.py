@@ -40,6 +40,23 @@ def test_quick_checkpoint_bench_writes_a_targets_table(tmp_path: Path) -> None:
     assert "The benchmark failed" not in text
 
 
+def test_quick_api_overhead_bench_reports_its_target(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "api_overhead", "--out", str(out)],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "| api_overhead | worker API per-step cost |" in text
+    assert "`run.report()` **1** (tolist 1)" in text
+    assert "The benchmark failed" not in text
+
+
 def test_list_names_every_benchmark() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--list"],
@@ -55,6 +72,7 @@ def test_list_names_every_benchmark() -> None:
         "checkpoints",
         "resize",
         "node_loss",
+        "api_overhead",
         "recovery",
         "overhead",
         "rendezvous",
