@@ -57,13 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Section, Target, fmt, median_interval, table
+from bench.overhead import MICRO, MODEL, SEQ, train_section
 from tests.support.jobs import train_job
 from tests.support.procs import REPO, base_env, write_config
 
 TITLE = "8. Worker API per-step cost"
-MODEL = "10m"
-SEQ = 32
-MICRO = 2
 BLOCK = 2
 GROUPS = 64
 TABLE_ROWS = 8  # rows of the per-stretch table in RESULTS.md
@@ -82,15 +80,7 @@ def job_doc(work: Path, demo: Path, *, steps: int) -> dict[str, Any]:
         steps=steps,
         checkpoint={"url": str(work / "ckpt"), "interval_steps": steps + 1, "keep_last": 2},
         model={"size": MODEL, "max_seq_len": SEQ},
-        train={
-            "steps": steps,
-            "global_batch_tokens": 2 * MICRO * SEQ,
-            "micro_batch_size": MICRO,
-            "seq_len": SEQ,
-            "warmup_steps": 5,
-            "log_sample_ids": False,
-            "threads": 1,
-        },
+        train=train_section(steps),
     )
 
 

@@ -101,6 +101,20 @@ FREEZE_STEPS = 600  # warm-up plus 2 x FREEZE_COUNT + 1 windows at ~3 steps/s, w
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
+def train_section(steps: int) -> dict[str, Any]:
+    """The 10m job's ``train`` section: 2 ranks x ``MICRO`` samples of ``SEQ`` tokens a step,
+    one thread per rank (also bench/api_overhead.py's job)."""
+    return {
+        "steps": steps,
+        "global_batch_tokens": 2 * MICRO * SEQ,
+        "micro_batch_size": MICRO,
+        "seq_len": SEQ,
+        "warmup_steps": 5,
+        "log_sample_ids": False,
+        "threads": 1,
+    }
+
+
 def doc(work: Path, demo: Path, name: str, *, steps: int, full: bool) -> dict[str, Any]:
     return tiny_job(
         work / name,
@@ -120,15 +134,7 @@ def doc(work: Path, demo: Path, name: str, *, steps: int, full: bool) -> dict[st
         },
         guard={"enabled": full},
         model={"size": MODEL, "max_seq_len": SEQ},
-        train={
-            "steps": steps,
-            "global_batch_tokens": 2 * MICRO * SEQ,
-            "micro_batch_size": MICRO,
-            "seq_len": SEQ,
-            "warmup_steps": 5,
-            "log_sample_ids": False,
-            "threads": 1,
-        },
+        train=train_section(steps),
     )
 
 

@@ -6,20 +6,7 @@ import pytest
 
 from elastic.config import ConfigError, build
 from elastic.faults import FaultConfig, FaultInjector
-
-
-class DictRecord:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    def exists(self, rel: str) -> bool:
-        return rel in self.files
-
-    def read_bytes(self, rel: str) -> bytes:
-        return self.files[rel]
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        self.files[rel] = data
+from tests.support.fakes import DictRecord
 
 
 def test_a_fault_fires_once_per_run_even_after_a_restart() -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from elastic.checkpoint import Storage
 from elastic.worker.recovery import RunFiles
-from tests.elastic.worker.helpers import DictRecord
+from tests.support.fakes import DictRecord
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from typing import Any
 
 from elastic.faults import FaultConfig, FaultInjector
 from elastic.worker.drills import Drills
-from tests.elastic.worker.helpers import DictRecord
+from tests.support.fakes import DictRecord
 
 
 class Log:

@@ -1,4 +1,4 @@
-"""Fakes shared by the worker API's tests (logic only; torch and storage are real)."""
+"""Fakes for unit tests of logic (torch and storage stay real where the tests use them)."""
 
 from __future__ import annotations
 
