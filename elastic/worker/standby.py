@@ -10,6 +10,10 @@ protocol's ``standby_ready`` line, then blocks on stdin for the round's environm
   sets them (nothing prepended under ``-P``), so the imports are already warm;
 - anything else (another interpreter, a binary, a shell script): ``exec``, cold.
 
+Either way the process then leaves with the command's exit code (``SystemExit``'s; 1 for an
+escaping error, whose root cause goes to ``TORCHELASTIC_ERROR_FILE``) after the ``atexit``
+handlers, without the interpreter's teardown (:func:`leave`).
+
 Under ``-P`` (the bundled trainer's default command) a user's ``model.py`` or ``elastic.py``
 in the working directory can shadow nothing: the launcher itself runs with ``-P``, and the
 worker API it imported is already in ``sys.modules``.
@@ -17,15 +21,19 @@ worker API it imported is already in ``sys.modules``.
 
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from elastic.protocol import ExitCode, read_standby_order, standby_ready_line
+from elastic.worker.dist import exit_now
 
 # Interpreter flags that change nothing here (or that we honour: -P), taking no argument.
 _PLAIN_FLAGS = frozenset({"-u", "-B", "-O", "-OO", "-s", "-E", "-q", "-P", "-I"})
@@ -90,6 +98,7 @@ def run_python(command: PythonCommand) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    """The launcher; once the command ran, the process leaves through :func:`leave`."""
     args = list(argv)
     if args[:1] == ["--"]:
         args = args[1:]
@@ -106,16 +115,34 @@ def main(argv: Sequence[str]) -> int:
     python = parse_python(args, executable=sys.executable)
     if python is None:
         os.execvpe(args[0], args, os.environ)
-    _run_recorded(python)
-    return int(ExitCode.OK)
+    leave(run_recorded(python))
 
 
-def _run_recorded(python: PythonCommand) -> None:
+def run_recorded(python: PythonCommand) -> int:
+    """Run the command; its exit code (``SystemExit``'s, or FAILED for an escaping error)."""
     # torch's @record writes the root cause to TORCHELASTIC_ERROR_FILE (the daemon's
     # worker_exit line reads it), then re-raises.
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(run_python)(python)
+    try:
+        record(run_python)(python)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return int(ExitCode.FAILED)
+    except BaseException:  # reported here; the exit code says it failed
+        traceback.print_exc()
+        return int(ExitCode.FAILED)
+    return int(ExitCode.OK)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit after the loop's ``atexit`` handlers, without the interpreter's teardown: gloo's
+    destructors race with peers exiting at the same moment (SIGABRT "terminate called without
+    an active exception", seen in ~4 of 70 two-rank exits of examples/byo/own_loop.py)."""
+    atexit._run_exitfuncs()
+    exit_now(code)
 
 
 if __name__ == "__main__":

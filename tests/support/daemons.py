@@ -15,8 +15,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support.jobs import with_overrides
 from tests.support.procs import REPO, base_env, events, read_lines, wait_for, write_config
+
+EXAMPLES = REPO / "examples"
+
+
+def daemon_sections(tmp: Path, *, endpoint: str | None, run_id: str) -> dict[str, Any]:
+    """The daemon's side of every end-to-end job: loopback, short timeouts, a free HTTP port,
+    the run directory under ``tmp``; no endpoint: the embedded etcd."""
+    return {
+        "run_id": run_id,
+        "run_dir": str(tmp / "run"),
+        "nodes": {
+            "address": "127.0.0.1",
+            "last_call_seconds": 2.0,
+            "keep_alive_seconds": 1.0,
+            "keep_alive_max_missed": 3,
+        },
+        "etcd": {"endpoints": [endpoint] if endpoint else [], "ttl_seconds": 3},
+        "watchdog": {"timeout_seconds": 20, "startup_timeout_seconds": 120, "poll_seconds": 0.2},
+        "drain": {"timeout_seconds": 60},
+        "metrics": {"port": 0},
+    }
+
+
+def example_job(
+    name: str, tmp: Path, *, endpoint: str | None, run_id: str = "e2e", **overrides: Any
+) -> dict[str, Any]:
+    """``examples/<name>`` as a test runs it: :func:`daemon_sections` merged in, checkpoints
+    under ``tmp``; then ``overrides``, merged per section."""
+    doc = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
+    doc = with_overrides(doc, daemon_sections(tmp, endpoint=endpoint, run_id=run_id))
+    doc = with_overrides(doc, {"checkpoint": {"url": str(tmp / "ckpt")}})
+    return with_overrides(doc, overrides)
 
 
 def tiny_job(
@@ -24,23 +59,10 @@ def tiny_job(
 ) -> dict[str, Any]:
     """A CPU-cheap job: tiny model, 24 samples x 32 tokens per step, 1 worker per node."""
     doc: dict[str, Any] = {
-        "run_id": run_id,
-        "run_dir": str(tmp / "run"),
+        **daemon_sections(tmp, endpoint=endpoint, run_id=run_id),
         "nproc_per_node": 1,
-        "nodes": {
-            "min": 1,
-            "max": 3,
-            "address": "127.0.0.1",
-            "last_call_seconds": 2.0,
-            "keep_alive_seconds": 1.0,
-            "keep_alive_max_missed": 3,
-        },
-        "etcd": {"endpoints": [endpoint] if endpoint else [], "ttl_seconds": 3},
         "checkpoint": {"url": str(tmp / "ckpt"), "interval_steps": 10, "keep_last": 20},
         "rewind": {"min_steps_back": 10, "good_after_steps": 5},
-        "watchdog": {"timeout_seconds": 20, "startup_timeout_seconds": 120, "poll_seconds": 0.2},
-        "drain": {"timeout_seconds": 60},
-        "metrics": {"port": 0},
         "model": {"size": "tiny", "max_seq_len": 32},
         "data": {"demo_dir": str(demo), "eval_every_steps": 0},
         "train": {
@@ -52,6 +74,7 @@ def tiny_job(
             "log_sample_ids": True,
         },
     }
+    doc["nodes"] = {"min": 1, "max": 3, **doc["nodes"]}
     return with_overrides(doc, overrides)
 
 
@@ -96,6 +119,18 @@ class Daemon:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"{}")
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The sample ``name`` of the node's ``/metrics`` whose labels include ``labels``
+        (``run_id`` and ``node`` need not be given); None when absent."""
+        url = f"http://127.0.0.1:{self.http_port()}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode("utf-8")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return float(sample.value)
+        return None
+
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
@@ -123,16 +158,20 @@ def start_daemon(
     log_dir: Path,
     env: Mapping[str, str] | None = None,
     sets: tuple[str, ...] = (),
+    cwd: Path = REPO,
 ) -> Daemon:
+    """``elasticd run`` in ``cwd``. With ``-P``, as the ``elasticd`` console script: the
+    daemon's own imports never come from its working directory."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = config if isinstance(config, Path) else write_config(log_dir / f"{name}.yaml", config)
     log = log_dir / f"{name}.log"
-    args = [sys.executable, "-m", "daemon.cli", "run", "--config", str(path), "--node-id", name]
+    args = [sys.executable, "-P", "-m", "daemon.cli", "run", "--config", str(path)]
+    args += ["--node-id", name]
     for item in sets:
         args += ["--set", item]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            args, cwd=REPO, env=base_env(env), stdout=out, stderr=subprocess.STDOUT
+            args, cwd=cwd, env=base_env(env), stdout=out, stderr=subprocess.STDOUT
         )
     return Daemon(name, log, proc)
 
