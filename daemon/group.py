@@ -37,6 +37,7 @@ from daemon.config import DaemonConfig
 from daemon.metrics import NodeMetrics
 from daemon.workers import RoundAssignment
 from elastic import jsonlog
+from elastic.protocol import Action
 from elastic.rendezvous import (
     EtcdRendezvousError,
     EtcdRendezvousHandler,
@@ -278,10 +279,10 @@ class Group:
             is_rank0 = self._group_rank == 0
         if paused != self._relayed_pause:
             self._relayed_pause = paused
-            out.append({"action": "pause" if paused else "resume"})
+            out.append({"action": Action.PAUSE if paused else Action.RESUME})
         if rewind_to is not None and is_rank0:
             # One-shot: the trainer takes rank 0's value, so rank 0's node consumes it.
-            out.append({"action": "rewind", "to_step": rewind_to})
+            out.append({"action": Action.REWIND, "to_step": rewind_to})
             self._quietly(lambda: self.store.put_control({"rewind": None}))
         return out
 
