@@ -30,6 +30,7 @@ import elastic.worker
 from elastic.config import ConfigError, fingerprint, to_dict
 from elastic.protocol import Event, ExitCode, Phase
 from elastic.worker import Run, RunConfig
+from elastic.worker.config import API_SECTIONS
 from elastic.worker.dist import exit_now
 from model import distributed
 from model.batches import BatchPlan, build_sampler, poison
@@ -146,15 +147,8 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 def run_config(job: JobConfig) -> RunConfig:
     """The worker API's view of the job (its sections, plus the whole document)."""
-    return RunConfig(
-        run_id=job.run_id,
-        run_dir=job.run_dir,
-        checkpoint=job.checkpoint,
-        guard=job.guard,
-        rewind=job.rewind,
-        faults=job.faults,
-        document=to_dict(job),
-    )
+    sections = {name: getattr(job, name) for name in API_SECTIONS}
+    return RunConfig(**sections, document=to_dict(job))
 
 
 @record  # writes the root cause to TORCHELASTIC_ERROR_FILE for the daemon's worker_exit line

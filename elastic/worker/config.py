@@ -10,6 +10,7 @@ are left to whoever reads them: :attr:`RunConfig.document` keeps the whole mappi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,12 +61,4 @@ def load(path: str | None, *, environ: Mapping[str, str]) -> RunConfig:
     picked = {k: document[k] for k in API_SECTIONS if k in document}
     config = build(RunConfig, picked)
     require_permission(config.faults, environ)
-    return RunConfig(
-        run_id=config.run_id,
-        run_dir=config.run_dir,
-        checkpoint=config.checkpoint,
-        guard=config.guard,
-        rewind=config.rewind,
-        faults=config.faults,
-        document=document,
-    )
+    return dataclasses.replace(config, document=document)
