@@ -122,11 +122,8 @@ class NodeMetrics:
 
     def on_worker_line(self, record: dict[str, Any]) -> None:
         """Update training series from one relayed worker line."""
-        try:
-            event = Event(str(record.get("event")))
-        except ValueError:
-            return  # a loop's own event: relayed, not a metric
-        handler = _HANDLERS.get(event)
+        # Event is a StrEnum: a record's plain string finds its member's handler.
+        handler = _HANDLERS.get(str(record.get("event")))
         if handler is not None:
             handler(self, record)
 
@@ -189,7 +186,7 @@ def _is_number(value: Any) -> bool:
 
 
 # One handler per event of METRIC_EVENTS (tests/daemon/test_metrics.py holds them equal).
-_HANDLERS: dict[Event, Callable[[NodeMetrics, dict[str, Any]], None]] = {
+_HANDLERS: dict[str, Callable[[NodeMetrics, dict[str, Any]], None]] = {
     Event.STEP: NodeMetrics._on_step,
     Event.EVAL: NodeMetrics._on_eval,
     Event.DIVERGENCE: NodeMetrics._on_divergence,

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from elastic.files import replace_file
-from elastic.protocol import Action, Control, Heartbeat, Phase, control_file, heartbeat_file
+from elastic.protocol import (
+    HEARTBEAT_GLOB,
+    Action,
+    Control,
+    Heartbeat,
+    Phase,
+    control_file,
+    heartbeat_file,
+)
 
 BEAT_INTERVAL_SECONDS = 0.5
 CONTROL_RECENT_SECONDS = 1.0
@@ -123,7 +131,7 @@ class DaemonChannel:
 
     def heartbeats(self) -> dict[int, Heartbeat]:
         beats: dict[int, Heartbeat] = {}
-        for path in self.directory.glob(heartbeat_file(0).replace("0", "*", 1)):
+        for path in self.directory.glob(HEARTBEAT_GLOB):
             data = _read_json(path)
             if data is None:
                 continue

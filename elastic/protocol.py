@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "CLEAN_EXITS",
+    "HEARTBEAT_GLOB",
     "METRIC_EVENTS",
     "SLOW_PHASES",
     "TORCHRUN_ENV",
@@ -154,6 +155,9 @@ TORCHRUN_ENV = (
     "TORCHELASTIC_ERROR_FILE",
     "TORCHELASTIC_USE_AGENT_STORE",
 )
+
+
+HEARTBEAT_GLOB = "heartbeat-*.json"  # every local rank's heartbeat_file()
 
 
 def heartbeat_file(local_rank: int) -> str:

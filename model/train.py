@@ -55,7 +55,6 @@ class Trainer:
         self.job, self.run = job, run
         info, train = run.info, job.train
         self.plan: BatchPlan = build_sampler(job, info)
-        self._ledger_entries = 0  # data decisions the plan has seen (rewinds add some)
         torch.manual_seed(train.seed)
         self.model = GPT(job.model, seed=train.seed).to(info.device)
         distributed.shard(self.model, self.model.blocks, bf16=info.device.type == "cuda")
@@ -113,11 +112,10 @@ class Trainer:
         return verdict.apply
 
     def _follow_ledger(self) -> None:
-        """After a rewind the data ledger has new entries: the plan reads through it."""
-        entries = len(self.run.recovery.ledger.data_entries)
-        if entries != self._ledger_entries:
-            self.plan = self.plan.with_ledger(self.run.recovery.data)
-            self._ledger_entries = entries
+        """After a rewind or a restore the data ledger changes: the plan reads through it."""
+        data = self.run.recovery.data
+        if data is not self.plan.sampler.ledger:
+            self.plan = self.plan.with_ledger(data)
 
     def _maybe_eval(self, step: int) -> None:
         every = self.job.data.eval_every_steps

@@ -70,11 +70,16 @@ class Recovery:
         self.guard = Guard(guard_config, rewind_config)
         self.ledger = RunLedger()
         self.committed: dict[int, bool] = {}  # step -> known good
+        self._data: tuple[tuple[int, int], DataLedger] | None = None  # (ledger id, entries)
 
     @property
     def data(self) -> DataLedger:
-        """The data decisions samplers read (reshuffled and skipped windows)."""
-        return self.ledger.data
+        """The data decisions samplers read (reshuffled and skipped windows): the same object
+        until a rewind or a restore changes them (samplers call this every step)."""
+        key = (id(self.ledger), len(self.ledger.data_entries))
+        if self._data is None or self._data[0] != key:
+            self._data = (key, self.ledger.data)
+        return self._data[1]
 
     # ----------------------------------------------------------------- per step
     def observe(self, step: int, *, loss: float, grad_norm: float, finite: bool) -> Verdict:
