@@ -2,8 +2,11 @@
 per-source evaluation, and the ``poison_batch`` fault. A thin layer over ``model.mixture``.
 
 The global batch in tokens is fixed by ``train.global_batch_tokens`` whatever the world size;
-each data-parallel rank takes its contiguous slice, split into micro-batches of
-``train.micro_batch_size`` (gradient accumulation fills the rest).
+each data-parallel rank takes its contiguous slice, split into micro-batches of at most
+``train.micro_batch_size`` (gradient accumulation fills the rest). Where the batch does not
+divide, slices differ by one sample and every rank still runs the same number of micro-batches
+(:mod:`elastic.worker.split`); the trainer normalises by the global token count, so the update
+does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import torch
 import torch.distributed as dist
 
 from elastic.config import ConfigError
+from elastic.worker.split import BatchSplit
 from model import distributed
 from model.config import JobConfig
+from model.geometry import check_world_sizes
+from model.gpt import IGNORE_INDEX
 from model.mixture import DataLedger, Sampler
 from model.mixture import build_sampler as build_mixture
 from model.shards import DataError
@@ -41,6 +47,11 @@ class BatchPlan:
 
     def global_tokens(self, step: int) -> int:
         return self.sampler.batch_size(step) * self.sampler.seq_len_at(step)
+
+    def local_tokens(self, step: int) -> int:
+        """Tokens of this rank's slice of ``step`` (ranks may differ by one sample's worth)."""
+        split = BatchSplit(self.sampler.batch_size(step), self.dp_size, self.micro_batch_size)
+        return len(split.rank_slice(self.dp_rank)) * self.sampler.seq_len_at(step)
 
     def global_sample_ids(self, step: int) -> list[int]:
         return [s.sample_id for s in self.sampler.global_batch(step)]
@@ -99,14 +110,13 @@ def _open(job: JobConfig) -> Sampler:
 
 
 def _check_geometry(job: JobConfig, plan: BatchPlan) -> None:
-    """Fail before anything is written: every stage must split evenly over the ranks."""
-    train, sampler = job.train, plan.sampler
+    """Fail before anything is written: every stage must give each rank a sample."""
+    sampler = plan.sampler
     vocab = job.model.resolved().vocab_size
     if vocab < sampler.vocab_size:
         raise ConfigError(
             f"model.vocab_size={vocab}: smaller than the data's tokenizer ({sampler.vocab_size})"
         )
-    per_step = plan.dp_size * plan.micro_batch_size
     for start in sorted({0, *(s.start_step for s in job.data.stages)}):
         seq_len = sampler.seq_len_at(start)
         if seq_len > job.model.max_seq_len:
@@ -114,24 +124,20 @@ def _check_geometry(job: JobConfig, plan: BatchPlan) -> None:
                 f"model.max_seq_len={job.model.max_seq_len}: shorter than seq_len {seq_len} "
                 f"used from step {start}"
             )
-        samples = sampler.batch_size(start)
-        if samples == 0 or samples % per_step:
-            raise ConfigError(
-                f"train.global_batch_tokens={train.global_batch_tokens}: {samples} samples of "
-                f"{seq_len} tokens (from step {start}) do not divide into world size "
-                f"{plan.dp_size} x train.micro_batch_size {plan.micro_batch_size}"
-            )
+    check_world_sizes(job, [plan.dp_size])
 
 
 def poison(
     inputs: torch.Tensor, targets: torch.Tensor, *, mode: str, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``poison_batch`` fault: random tokens, or one token repeated (degenerate data)."""
+    """The ``poison_batch`` fault: random tokens, or one token repeated (degenerate data).
+
+    Padding targets (``IGNORE_INDEX``) stay padding: a padding micro-batch must weigh nothing.
+    """
     if mode == "repeat":
-        return torch.full_like(inputs, int(inputs[0, 0])), torch.full_like(
-            targets, int(inputs[0, 0])
-        )
+        poisoned = torch.full_like(inputs, int(inputs[0, 0]))
+        return poisoned, torch.where(targets == IGNORE_INDEX, targets, poisoned)
     generator = torch.Generator().manual_seed(step)
     vocab = int(max(int(inputs.max()), int(targets.max()))) + 1
     noise = torch.randint(0, vocab, inputs.shape, generator=generator, dtype=inputs.dtype)
-    return noise, torch.roll(noise, -1, dims=1)
+    return noise, torch.where(targets == IGNORE_INDEX, targets, torch.roll(noise, -1, dims=1))

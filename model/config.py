@@ -2,9 +2,9 @@
 
 One YAML document configures a whole run (docs/architecture.md). The sections a worker needs are
 typed here; the daemon-only sections (``nodes``, ``etcd``, ``watchdog``, ``drain``, ``metrics``,
-``nproc_per_node``, ``worker``) are kept as opaque mappings, validated by the daemon. The daemon
-cannot import this package, so it validates ``model``/``data``/``train`` by running
-``python -m model.config --check FILE`` (no torch import: fast).
+``nproc_per_node``, ``worker``, ``stragglers``) are kept as opaque mappings, validated by the
+daemon. The daemon cannot import this package, so it validates ``model``/``data``/``train``
+by running ``python -m model.config --check FILE`` (no torch import: fast).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from elastic.config import ConfigError, build, check, check_name, layered, to_di
 from elastic.faults import FaultConfig, require_permission
 from elastic.guard.config import GuardConfig, RewindConfig
 from model.data_config import DataConfig
+from model.geometry import check_world_sizes, elastic_world_sizes
 from model.gpt import GPTConfig
 
 
@@ -81,6 +82,7 @@ class JobConfig:
     drain: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     worker: dict[str, Any] = field(default_factory=dict)
+    stragglers: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("run_id", self.run_id)
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         job = resolve(args.config, environ=os.environ, sets=args.sets)
+        if args.check:  # the daemon, at start: every world size of the elastic range
+            check_world_sizes(job, elastic_world_sizes(job))
     except ConfigError as exc:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
 The key property: the global batch of training step ``s`` is a pure function of
 ``(seed, stage, data step, salt)``, computable in O(batch) without replaying history, and the
-same whatever the world size; a data-parallel rank takes its contiguous slice. So a run resumed
-from a checkpoint at any world size sees exactly the samples it would have seen.
+same whatever the world size; a data-parallel rank takes its contiguous slice (sizes may differ
+by one sample, :mod:`elastic.worker.split`). So a run resumed from a checkpoint at any world
+size sees exactly the samples it would have seen.
 
 How one global batch is drawn:
 
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 
 from elastic.worker.ledger import DataLedger
+from elastic.worker.split import BatchSplit
 from model.data_config import DataConfig
+from model.gpt import IGNORE_INDEX
 from model.shards import ShardNotFound, TokenShard, open_shard, resolve_shard_url
 
 POSITION_BITS = 20
@@ -176,35 +179,39 @@ class Sampler:
     ) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         """This rank's contiguous slice of the global batch, as micro-batches.
 
-        Each item is ``(inputs (micro, T) int64, targets (micro, T) int64, sample_ids)``.
+        Each item is ``(inputs (micro, T) int64, targets (micro, T) int64, sample_ids)``. The
+        split is :class:`~elastic.worker.split.BatchSplit`'s: slices differ by at most one sample
+        and every rank gets the same number of micro-batches. A padding micro-batch (a slice
+        shorter than the count, ``micro_batch_size=1`` only) is one window of token 0 whose
+        targets are all ``IGNORE_INDEX``, with no sample ids: it adds exactly 0 to the loss.
         """
         samples = self.global_batch(step)
         if not 0 <= dp_rank < dp_size or micro_batch_size <= 0:
             raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}, micro={micro_batch_size}")
-        if len(samples) % (dp_size * micro_batch_size):
+        if len(samples) < dp_size:
             raise ValueError(
                 f"train.global_batch_tokens={self.global_batch_tokens}: {len(samples)} samples "
-                f"of {self.seq_len_at(step)} tokens at step {step} do not split into "
-                f"dp_size={dp_size} x micro_batch_size={micro_batch_size}"
+                f"of {self.seq_len_at(step)} tokens at step {step} leave a rank of "
+                f"dp_size={dp_size} without a sample"
             )
-        per_rank = len(samples) // dp_size
-        mine = samples[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        split = BatchSplit(len(samples), dp_size, micro_batch_size)
         seq_len = self.seq_len_at(step)
-        out = []
-        for start in range(0, per_rank, micro_batch_size):
-            chunk = mine[start : start + micro_batch_size]
-            windows = np.stack(
-                [self.shards[s.source].window(s.offset, seq_len + 1) for s in chunk]
-            )  # (micro, T + 1)
-            tokens = torch.from_numpy(windows)
-            out.append(
-                (
-                    tokens[:, :-1].contiguous(),
-                    tokens[:, 1:].contiguous(),
-                    [s.sample_id for s in chunk],
-                )
-            )
-        return out
+        return [
+            self._windows(samples[part.start : part.stop], seq_len)
+            for part in split.micro_slices(dp_rank)
+        ]
+
+    def _windows(
+        self, chunk: list[Sample], seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        if not chunk:
+            padding = torch.zeros((1, seq_len), dtype=torch.int64)
+            return padding, torch.full_like(padding, IGNORE_INDEX), []
+        windows = np.stack(
+            [self.shards[s.source].window(s.offset, seq_len + 1) for s in chunk]
+        )  # (micro, T + 1)
+        tokens = torch.from_numpy(windows)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), [s.sample_id for s in chunk]
 
     # ---------------------------------------------------------------- evaluation
     def eval_batch(

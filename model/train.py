@@ -85,8 +85,10 @@ class Trainer:
         micro_batches = self.plan.local(step)
         poisoned = self.run.fault("poison_batch")
         self.optimizer.zero_grad(set_to_none=True)
-        local_tokens = self.plan.global_tokens(step) // info.world_size
-        # Scaled so FSDP's mean over ranks yields the exact gradient of the global mean loss.
+        local_tokens = self.plan.local_tokens(step)  # ranks' slices may differ by one sample
+        # Each rank's loss sum over the step's global token count, times the world size: FSDP's
+        # mean over ranks then yields the exact gradient of the global mean loss, whatever the
+        # split (uneven slices and padding micro-batches included).
         scale = info.world_size / self.plan.global_tokens(step)
         ce_sum = torch.zeros((), device=info.device)
         for index, (inputs, targets) in enumerate(micro_batches):

@@ -2,9 +2,10 @@
 
 The dataset indices of global step ``s`` are a pure function of ``(seed, s, data ledger)``,
 computed without replaying history, and the same whatever the world size; rank ``r`` of ``n``
-takes the ``r``-th contiguous slice. So a run resumed at any step, at any world size, sees
-exactly the samples it would have seen, and an interrupted run's multiset of samples equals an
-uninterrupted one's.
+takes the ``r``-th contiguous slice (:mod:`elastic.worker.split`: ``B // n`` or ``B // n + 1``
+indices, the first ``B % n`` ranks one more, so any batch of at least ``n`` samples splits).
+So a run resumed at any step, at any world size, sees exactly the samples it would have seen,
+and an interrupted run's multiset of samples equals an uninterrupted one's.
 
 How: the data ledger maps training step ``s`` to ``(data step d, salt)``
 (:class:`~elastic.worker.ledger.DataLedger`: skipped windows move ``d`` forward, reshuffled
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from elastic.worker.ledger import DataLedger
+from elastic.worker.split import BatchSplit
 
 EPOCH_DOMAIN = 0  # SeedSequence key spaces: epoch permutations and reshuffled draws apart
 RESHUFFLE_DOMAIN = 1
@@ -47,10 +49,10 @@ class ElasticSampler:
             )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
-        if global_batch_size % world_size:
+        if global_batch_size < world_size:
             raise ValueError(
-                f"global_batch_size={global_batch_size}: does not divide into world size "
-                f"{world_size}"
+                f"global_batch_size={global_batch_size}: fewer samples than ranks "
+                f"(world size {world_size}): a rank would get none"
             )
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
@@ -62,7 +64,8 @@ class ElasticSampler:
 
     @property
     def local_batch_size(self) -> int:
-        return self.global_batch_size // self.world_size
+        """This rank's share of a step: ``B // n`` or one more (ranks may differ by one)."""
+        return len(self._split(1).rank_slice(self.rank))
 
     def global_indices(self, step: int) -> list[int]:
         """Dataset indices of training step ``step`` (1-based), in global order."""
@@ -76,9 +79,21 @@ class ElasticSampler:
         return [self._at(position) for position in range(first, first + self.global_batch_size)]
 
     def local_indices(self, step: int) -> list[int]:
-        """This rank's contiguous share of :meth:`global_indices`."""
-        size = self.local_batch_size
-        return self.global_indices(step)[self.rank * size : (self.rank + 1) * size]
+        """This rank's contiguous share of :meth:`global_indices` (sizes differ by at most one
+        across ranks: weigh each rank's loss by its sample or token count)."""
+        share = self._split(1).rank_slice(self.rank)
+        return self.global_indices(step)[share.start : share.stop]
+
+    def local_micro_batches(self, step: int, *, micro_batch_size: int) -> list[list[int]]:
+        """:meth:`local_indices` as micro-batches of at most ``micro_batch_size``, the same
+        number on every rank (what FSDP needs); an empty list is a padding micro-batch, whose
+        forward and backward the loop still runs with zero weight."""
+        indices = self.global_indices(step)
+        slices = self._split(micro_batch_size).micro_slices(self.rank)
+        return [indices[part.start : part.stop] for part in slices]
+
+    def _split(self, micro_batch_size: int) -> BatchSplit:
+        return BatchSplit(self.global_batch_size, self.world_size, micro_batch_size)
 
     def _at(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_samples)

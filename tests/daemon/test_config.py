@@ -98,18 +98,20 @@ def test_bad_input_is_one_line_naming_key_and_value_exit_2_nothing_written(
     assert not (tmp_path / "run").exists()
 
 
-def test_global_batch_that_does_not_split_over_the_ranks_is_exit_2_before_any_write(
+def test_world_sizes_of_the_node_range_that_leave_a_rank_without_a_sample_are_exit_2(
     tmp_path: Path, demo_corpus: Path
 ) -> None:
     doc = {
         **minimal(tmp_path),
+        "nodes": {"min": 1, "max": 4},
+        "nproc_per_node": 2,
         "data": {"demo_dir": str(demo_corpus)},
         "train": {"global_batch_tokens": 5 * 32, "seq_len": 32, "micro_batch_size": 2},
         "model": {"max_seq_len": 32},
     }
     path = write_config(tmp_path / "job.yaml", doc)
     proc = subprocess.run(
-        [sys.executable, "-m", "model.train", "--config", str(path)],
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(path)],
         cwd=REPO,
         env=base_env(),
         capture_output=True,
@@ -118,8 +120,12 @@ def test_global_batch_that_does_not_split_over_the_ranks_is_exit_2_before_any_wr
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "train.global_batch_tokens=160" in proc.stderr.strip().splitlines()[-1]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    # World sizes 2, 4, 6, 8: a batch of 5 samples splits unevenly over 2 and 4, not over 6, 8.
+    assert "train.global_batch_tokens=160" in lines[0] and "world sizes [6, 8]" in lines[0]
     assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_all_defaults_document_is_valid() -> None:

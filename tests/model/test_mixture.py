@@ -14,6 +14,7 @@ from elastic.config import build
 from elastic.worker.ledger import DataLedger, LedgerEntry
 from model import corpus, prepare
 from model.data_config import DataConfig
+from model.gpt import IGNORE_INDEX
 from model.mixture import Sampler, Stage, build_sampler
 from model.shards import ShardWriter, open_shard
 
@@ -85,7 +86,7 @@ def test_batch_of_a_step_is_a_pure_function_of_seed_and_step(shard_dir: Path):
 def test_concatenated_rank_slices_equal_the_global_batch_for_any_world_size(shard_dir: Path):
     sampler = _sampler(shard_dir, batch=12)
     reference: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
-    for dp_size in (1, 2, 3):
+    for dp_size in (1, 2, 3, 5, 7):
         parts = [
             micro
             for rank in range(dp_size)
@@ -109,10 +110,25 @@ def test_targets_are_inputs_shifted_by_one_token(shard_dir: Path):
     assert inputs.dtype == torch.int64
 
 
-def test_a_batch_that_does_not_split_names_global_batch_tokens(shard_dir: Path):
+def test_an_uneven_batch_splits_into_equal_micro_batch_counts_with_zero_weight_padding(
+    shard_dir: Path,
+):
+    sampler = _sampler(shard_dir, batch=10)  # slices 3, 3, 2, 2
+    per_rank = [
+        sampler.local_batch(2, dp_rank=rank, dp_size=4, micro_batch_size=1) for rank in range(4)
+    ]
+    assert [len(micro) for micro in per_rank] == [3, 3, 3, 3]
+    ids = [i for micro in per_rank for _, _, batch_ids in micro for i in batch_ids]
+    assert ids == [s.sample_id for s in sampler.global_batch(2)]
+    padding_inputs, padding_targets, padding_ids = per_rank[3][-1]
+    assert padding_ids == [] and padding_inputs.shape == (1, SEQ_LEN)
+    assert bool((padding_targets == IGNORE_INDEX).all())
+
+
+def test_more_ranks_than_samples_names_global_batch_tokens(shard_dir: Path):
     sampler = _sampler(shard_dir, batch=12)
     with pytest.raises(ValueError, match=r"train\.global_batch_tokens=96: 12 samples"):
-        sampler.local_batch(0, dp_rank=0, dp_size=5, micro_batch_size=1)
+        sampler.local_batch(0, dp_rank=0, dp_size=13, micro_batch_size=1)
 
 
 def test_training_windows_stay_inside_the_training_split(shard_dir: Path):

@@ -49,15 +49,34 @@ def test_epochs_are_shuffled_differently() -> None:
     assert s.global_indices(1) != s.global_indices(1 + NUM_SAMPLES // BATCH)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8])
 def test_local_shares_concatenate_to_the_global_batch(world_size: int) -> None:
     for step in (1, 6, 13):
         shares = [
             sampler(rank=rank, world_size=world_size).local_indices(step)
             for rank in range(world_size)
         ]
-        assert all(len(share) == BATCH // world_size for share in shares)
+        sizes = [len(share) for share in shares]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+        assert sizes == [
+            sampler(rank=rank, world_size=world_size).local_batch_size for rank in range(world_size)
+        ]
         assert [i for share in shares for i in share] == sampler().global_indices(step)
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 5])
+def test_local_micro_batches_are_equal_in_number_on_every_rank(world_size: int) -> None:
+    ranks = [sampler(rank=rank, world_size=world_size) for rank in range(world_size)]
+    micro = [s.local_micro_batches(6, micro_batch_size=2) for s in ranks]
+    assert len({len(m) for m in micro}) == 1
+    assert all(len(batch) <= 2 for m in micro for batch in m)
+    flat = [i for m in micro for batch in m for i in batch]
+    assert flat == sampler().global_indices(6)
+
+
+def test_more_ranks_than_samples_is_refused_naming_global_batch_size() -> None:
+    with pytest.raises(ValueError, match=r"global_batch_size=8: fewer samples than ranks"):
+        sampler(rank=0, world_size=9)
 
 
 def test_a_reshuffle_changes_the_window_and_only_the_window() -> None:
@@ -103,7 +122,7 @@ def test_the_ledger_is_read_at_each_call() -> None:
         ({"num_samples": 0}, "num_samples"),
         ({"global_batch_size": 0}, "global_batch_size"),
         ({"global_batch_size": NUM_SAMPLES + 1}, "global_batch_size"),
-        ({"global_batch_size": 6, "world_size": 4}, "global_batch_size"),
+        ({"global_batch_size": 3, "world_size": 4}, "global_batch_size"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict[str, int], named: str) -> None:
