@@ -76,4 +76,5 @@ def test_list_names_every_benchmark() -> None:
         "recovery",
         "overhead",
         "rendezvous",
+        "goodput",
     ]
