@@ -159,13 +159,15 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     sets: tuple[str, ...] = (),
     cwd: Path = REPO,
+    prefix: tuple[str, ...] = (),
 ) -> Daemon:
     """``elasticd run`` in ``cwd``. With ``-P``, as the ``elasticd`` console script: the
-    daemon's own imports never come from its working directory."""
+    daemon's own imports never come from its working directory. ``prefix`` goes before the
+    command line (``ip netns exec NS``: a program that execs it, keeping the pid)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = config if isinstance(config, Path) else write_config(log_dir / f"{name}.yaml", config)
     log = log_dir / f"{name}.log"
-    args = [sys.executable, "-P", "-m", "daemon.cli", "run", "--config", str(path)]
+    args = [*prefix, sys.executable, "-P", "-m", "daemon.cli", "run", "--config", str(path)]
     args += ["--node-id", name]
     for item in sets:
         args += ["--set", item]
