@@ -10,12 +10,18 @@ config is resolved, in ``main()``):
       - {kind: nan, step: 150}                 # the loss of step 150 becomes NaN
       - {kind: poison_batch, step: 40, mode: repeat}   # tokens replaced (random | repeat)
       - {kind: lr_spike, step: 300, factor: 50, duration_steps: 20}
+      - {kind: slow, step: 50, rank: 2, ms: 300, steps: 100}   # a straggler: +300 ms per step
 
 Each fault fires at most ``times`` times per run (default once) across restarts, rewinds and
 reshards: before firing, the firing rank records the firing under the checkpoint storage root
 (``<checkpoint.url>/<run_id>/faults/``), which every node shares. Faults whose ``rank`` is
-omitted fire on global rank 0 (``kill``, ``hang``, ``poison_batch``, ``nan``) or on every rank
-(``lr_spike``, ``crash_on_start``) — the kinds that must be identical on all ranks.
+omitted fire on global rank 0 (``kill``, ``hang``, ``poison_batch``, ``nan``, ``slow``) or on
+every rank (``lr_spike``, ``crash_on_start``) — the kinds that must be identical on all ranks.
+
+``slow`` stands in for a straggler (a throttled GPU, a slow host): from ``step`` on, for
+``steps`` steps (0: to the end of training), the rank sleeps ``ms`` milliseconds inside each
+step, before the step's collective, so the time counts as the rank's step compute time. Like
+``lr_spike``, the window lives in the worker process: a restart of the workers ends it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from elastic.config import ConfigError, check
 
 ALLOW_FAULTS_ENV = "ELASTICD_ALLOW_FAULTS"
 
-FaultKind = Literal["kill", "hang", "crash_on_start", "nan", "poison_batch", "lr_spike"]
+FaultKind = Literal["kill", "hang", "crash_on_start", "nan", "poison_batch", "lr_spike", "slow"]
 EVERY_RANK_KINDS = frozenset({"lr_spike", "crash_on_start"})
 
 
@@ -44,6 +50,8 @@ class FaultConfig:
     factor: float = 100.0  # lr_spike: learning-rate multiplier
     duration_steps: int = 10  # lr_spike: how many steps the multiplier lasts
     mode: Literal["random", "repeat"] = "random"  # poison_batch: token replacement
+    ms: int = 0  # slow: milliseconds of extra compute per step (required, > 0)
+    steps: int = 0  # slow: how many steps it lasts; 0 = to the end of training
 
     def __post_init__(self) -> None:
         check(self.step >= 0, "step", self.step, "must be >= 0")
@@ -51,6 +59,9 @@ class FaultConfig:
         check(self.times >= 0, "times", self.times, "must be >= 0 (0 = every time)")
         check(self.factor > 0, "factor", self.factor, "must be > 0")
         check(self.duration_steps > 0, "duration_steps", self.duration_steps, "must be > 0")
+        check(self.ms >= 0, "ms", self.ms, "must be >= 0")
+        check(self.kind != "slow" or self.ms > 0, "ms", self.ms, "must be > 0 for kind slow")
+        check(self.steps >= 0, "steps", self.steps, "must be >= 0 (0 = to the end)")
 
     def fires_on(self, rank: int) -> bool:
         if self.rank is not None:

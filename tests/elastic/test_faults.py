@@ -49,6 +49,15 @@ def test_bad_fault_config_names_the_key() -> None:
         build(_Doc, {"faults": [{"kind": "kill", "times": -1}]})
 
 
+def test_slow_fault_needs_a_positive_ms_and_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"faults\[0\]\.ms=0: must be > 0 for kind slow"):
+        build(_Doc, {"faults": [{"kind": "slow", "step": 5}]})
+    with pytest.raises(ConfigError, match=r"faults\[0\]\.steps=-1"):
+        build(_Doc, {"faults": [{"kind": "slow", "step": 5, "ms": 100, "steps": -1}]})
+    doc = build(_Doc, {"faults": [{"kind": "slow", "step": 5, "rank": 2, "ms": 300}]})
+    assert doc.faults[0].fires_on(2) and not doc.faults[0].fires_on(0)
+
+
 from dataclasses import dataclass  # noqa: E402
 
 

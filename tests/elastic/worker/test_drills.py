@@ -101,3 +101,33 @@ def test_nothing_fires_without_faults(record: DictRecord) -> None:
         assert d.lr_factor(step) == 1
     assert log.warnings == []
     assert record.files == {}
+
+
+def test_slow_sleeps_inside_each_step_of_its_window_on_its_rank_only(record: DictRecord) -> None:
+    slept: list[float] = []
+    fault = FaultConfig(kind="slow", step=3, rank=1, ms=250, steps=2)
+    d = Drills(FaultInjector([fault], rank=1, record=record), log=Log(), sleep=slept.append)
+    for step in range(1, 7):
+        d.before_step(step)
+        d.in_step(step)
+    assert slept == [0.25, 0.25]  # steps 3 and 4
+    other = Drills(
+        FaultInjector([fault], rank=0, record=DictRecord()), log=Log(), sleep=slept.append
+    )
+    for step in range(1, 7):
+        other.before_step(step)
+        other.in_step(step)
+    assert slept == [0.25, 0.25]
+
+
+def test_slow_without_steps_lasts_to_the_end_and_is_logged_once(record: DictRecord) -> None:
+    slept: list[float] = []
+    log = Log()
+    fault = FaultConfig(kind="slow", step=2, ms=100)
+    d = Drills(FaultInjector([fault], rank=0, record=record), log=log, sleep=slept.append)
+    for step in range(1, 101):
+        d.before_step(step)
+        d.in_step(step)
+    assert len(slept) == 99 and log.warnings == [
+        {"event": "fault_injected", "kind": "slow", "step": 2}
+    ]
