@@ -1,12 +1,13 @@
 """The job configuration document as the daemon sees it, resolved once in ``main()``.
 
 The daemon types its own sections (``nodes``, ``watchdog``, ``drain``, ``metrics``,
-``worker``) and the ``elastic`` ones it acts on (``etcd``, ``checkpoint``, ``guard``,
-``rewind``, ``faults``). The workload sections (``model``, ``data``, ``train``) belong to the
-training loop. For the bundled trainer (``worker.command`` left at its default) the daemon,
-which never imports ``model``, validates them by running ``python -m model.config --check`` on
-the resolved document; for any other command it checks only that the command can start (the
-script or program exists). The resolved document goes to the run directory for the workers.
+``worker``, ``stragglers``) and the ``elastic`` ones it acts on (``etcd``, ``checkpoint``,
+``guard``, ``rewind``, ``faults``). The workload sections (``model``, ``data``, ``train``)
+belong to the training loop. For the bundled trainer (``worker.command`` left at its default)
+the daemon, which never imports ``model``, validates them by running
+``python -m model.config --check`` on the resolved document; for any other command it checks
+only that the command can start (the script or program exists). The resolved document goes to
+the run directory for the workers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from daemon.stragglers import StragglersConfig
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.config import ConfigError, build, check, check_name, layered, to_dict
 from elastic.faults import FaultConfig, require_permission
@@ -169,6 +171,7 @@ class DaemonConfig:
     drain: DrainConfig = field(default_factory=DrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    stragglers: StragglersConfig = field(default_factory=StragglersConfig)
     faults: tuple[FaultConfig, ...] = ()
     # Workload sections, validated by `python -m model.config --check` (default command only).
     model: dict[str, Any] = field(default_factory=dict)

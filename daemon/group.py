@@ -18,8 +18,10 @@ Everything the supervisor asks of etcd goes through :class:`Group`:
 - status and the bounded event log.
 
 etcd outages: the polling thread keeps the last known answers and flags ``etcd_up=0``; nothing
-here stops running workers because etcd is unreachable. The lease re-asserts itself when etcd
-is back (a node whose lease expired meanwhile rejoins through a new round).
+here stops running workers because etcd is unreachable (a node really cut off fails its
+collectives anyway, and a checkpoint commit needs every rank). Fencing: a node that reaches
+etcd again and finds its lease gone (``fenced()``) stops its workers at once, before they step
+or commit in the old group, and rejoins through a new round.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ from typing import Any
 
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 
+from daemon import identity
 from daemon.config import DaemonConfig
 from daemon.metrics import NodeMetrics
 from daemon.workers import RoundAssignment
 from elastic import jsonlog
+from elastic.config import ConfigError
 from elastic.protocol import Action
 from elastic.rendezvous import (
     EtcdRendezvousError,
     EtcdRendezvousHandler,
     NodeEvent,
+    NodeIdTaken,
     NodeLease,
     NodeWatch,
     RunStore,
@@ -77,9 +82,14 @@ class _Flags:
     polls: int = 0  # completed polls; answers polled before a round formed are stale for it
     aborted_rounds: set[int] = dataclasses.field(default_factory=set)
     lost_rounds: set[int] = dataclasses.field(default_factory=set)
+    fenced_rounds: set[int] = dataclasses.field(default_factory=set)  # our lease expired in them
     scale: tuple[int, int] | None = None
     paused: bool = False
     rewind_to: int | None = None
+    # The operator's pending rewind as (control seq, to_step), whatever this node's rank: a
+    # diverged group has no running rank 0 to take it.
+    rewind_request: tuple[int, int] | None = None
+    control_seq: int = 0
     etcd_up: bool = True
 
 
@@ -105,7 +115,11 @@ class Group:
         self.store = RunStore(self.kv, run_id=run_id, key_prefix=prefix)
         self.aborts = RoundAborts(self.kv, run_id=run_id, key_prefix=prefix)
         self.lease = NodeLease(
-            self.kv, run_id=run_id, key_prefix=prefix, ttl_seconds=self.etcd.ttl_seconds
+            self.kv,
+            run_id=run_id,
+            key_prefix=prefix,
+            ttl_seconds=self.etcd.ttl_seconds,
+            on_expired=self._on_lease_expired,
         )
         self._members: dict[str, int] = {}  # node -> round it last announced
         self.watch = NodeWatch(
@@ -127,12 +141,32 @@ class Group:
 
     # ----------------------------------------------------------------- lifecycle
     def register(self, status: dict[str, Any]) -> None:
-        self.lease.register(self.node, {**status, "round": None})
-        for node, info in self.watch.start().list_nodes().items():
+        """Refuse to join a run whose live members train another config (ConfigError), then
+        take this node's key (NodeIdTaken while another live daemon holds the id)."""
+        members = {n: i for n, i in self.watch.start().list_nodes().items() if n != self.node}
+        problem = identity.mismatch(status.get(identity.FINGERPRINT_KEY, ""), members)
+        if problem is not None:
+            raise ConfigError(problem)
+        self._take_node_id({**status, "round": None})
+        for node, info in self.watch.list_nodes().items():
             if isinstance(info.get("round"), int):
                 self._members[node] = info["round"]
         self._poller.start()
         self.metrics.set_etcd_up(True)
+
+    def _take_node_id(self, info: dict[str, Any]) -> None:
+        """Register, waiting out a predecessor's lease: a daemon restarted after a crash (a pod
+        restart keeps its name) finds its old key alive for up to one TTL. A holder that is
+        still there after that keeps its lease alive: a live daemon with this id."""
+        deadline = time.monotonic() + self.etcd.ttl_seconds + 2 * POLL_SECONDS
+        while True:
+            try:
+                self.lease.register(self.node, info)
+                return
+            except NodeIdTaken:
+                if time.monotonic() > deadline or self._stop.wait(POLL_SECONDS):
+                    raise
+                self.log.info("node_id_held", node=self.node, note="waiting for its lease")
 
     def close(self) -> None:
         self._stop.set()
@@ -263,6 +297,11 @@ class Group:
         with self._lock:
             return assignment.round_id in self.flags.lost_rounds
 
+    def fenced(self, assignment: RoundAssignment) -> bool:
+        """This node's lease expired during the round: the others dropped it (fencing)."""
+        with self._lock:
+            return assignment.round_id in self.flags.fenced_rounds
+
     def announce_failure(self, assignment: RoundAssignment, detail: str) -> None:
         with self._lock:
             self.flags.aborted_rounds.add(assignment.round_id)
@@ -285,6 +324,31 @@ class Group:
             out.append({"action": Action.REWIND, "to_step": rewind_to})
             self._quietly(lambda: self.store.put_control({"rewind": None}))
         return out
+
+    def control_seq(self) -> int:
+        with self._lock:
+            return self.flags.control_seq
+
+    def take_restart(self, after_seq: int) -> tuple[int, int] | None:
+        """A diverged node's way back: (seq, step) of an operator's rewind requested after
+        control seq ``after_seq`` (None: none yet). This node never relays it to running
+        workers; the request stays in etcd for the other diverged nodes until
+        :meth:`clear_restart` (once the restarted round trains)."""
+        with self._lock:
+            request = self.flags.rewind_request
+            if request is None or request[0] <= after_seq:
+                return None
+            self._consumed_rewind_seq = max(self._consumed_rewind_seq, request[0])
+            self.flags.rewind_to = None
+        return request
+
+    def clear_restart(self, seq: int) -> None:
+        """Delete the operator's restart request ``seq`` (a node that joins later must not take
+        it for a rewind of the running group); a newer request is left alone."""
+        with self._lock:
+            request = self.flags.rewind_request
+        if request is not None and request[0] == seq:
+            self._quietly(lambda: self.store.put_control({"rewind": None}))
 
     # ----------------------------------------------------------------- status and events
     def event(self, record: dict[str, Any]) -> None:
@@ -329,6 +393,18 @@ class Group:
         self._quietly(put)
 
     # ----------------------------------------------------------------- background
+    def _on_lease_expired(self) -> None:
+        """etcd answered and no longer knew this node's lease (the keep-alive thread calls this
+        after re-creating it). The others counted this node as lost and may train in a round
+        without it: its workers must stop before their next step or checkpoint commit in the
+        old group, and the node rejoins through a new round."""
+        with self._lock:
+            round_id = self._round
+            if round_id is not None:
+                self.flags.fenced_rounds.add(round_id)
+        self.log.warning("fenced", round=round_id, reason="node lease expired")
+        self._wake()
+
     def _on_node_event(self, event: NodeEvent) -> None:
         with self._lock:
             graceful = event.info.get("state") in GRACEFUL_EXIT_STATES
@@ -385,6 +461,8 @@ class Group:
                 self.flags.scale = (int(scale["min_nodes"]), int(scale["max_nodes"]))
             self.flags.paused = bool(control.get("paused", False))
             seq = int(control.get("seq", 0))
+            self.flags.control_seq = seq
+            self.flags.rewind_request = (seq, int(rewind["to_step"])) if rewind else None
             if rewind and self._group_rank == 0 and seq > self._consumed_rewind_seq:
                 # seq: the deletion below may lag a poll; never relay one request twice.
                 self._consumed_rewind_seq = seq

@@ -8,6 +8,7 @@ running  -> joining          workers stopped (crash, hang, node lost, scale, rew
 running  -> draining         SIGTERM: commit a checkpoint, leave
 running  -> failed           crash loop past the restart budget
 running  -> diverged         the divergence guard spent its rewind budget
+diverged -> joining          an operator's `elasticctl rewind --to-step N` (restart from N)
 running  -> stopped          training finished
 draining -> stopped          checkpoint committed, lease revoked
 any      -> stopped          shutdown after a fatal error (logged)
@@ -40,11 +41,12 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     ),
     State.DRAINING: frozenset({State.STOPPED}),
     State.FAILED: frozenset({State.STOPPED}),
-    State.DIVERGED: frozenset({State.STOPPED}),
+    State.DIVERGED: frozenset({State.JOINING, State.STOPPED}),  # JOINING: operator rewind
     State.STOPPED: frozenset(),
 }
 
-TERMINAL = frozenset({State.FAILED, State.DIVERGED, State.STOPPED})
+# No training from here on. DIVERGED is not: an operator's rewind brings it back (joining).
+TERMINAL = frozenset({State.FAILED, State.STOPPED})
 
 
 class TransitionError(RuntimeError):

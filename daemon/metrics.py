@@ -14,7 +14,7 @@ one list that ``ops`` checks its alert rules and dashboard against. Every series
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ class NodeMetrics:
         common, specs = catalog()
         self._m: dict[str, Any] = {name: self._build(spec, common) for name, spec in specs.items()}
         self._progress_step = 0
+        self._badput_exported: dict[str, float] = {}
+        self._run_scoped = frozenset(n for n, spec in specs.items() if spec.get("scope") == "run")
+        self.hosts_rank0 = False  # run-scoped series exist only while this is True
         self._init_series()
 
     def _build(self, spec: dict[str, Any], common: tuple[str, ...]) -> Any:
@@ -68,9 +71,16 @@ class NodeMetrics:
 
     def _init_series(self) -> None:
         # Every closed label value and every unlabelled series exists from the start at 0, so
-        # rules see zeros rather than gaps and increase() sees a counter's first event.
+        # rules see zeros rather than gaps and increase() sees a counter's first event. Not the
+        # run-scoped ones: they appear when this node hosts rank 0 (set_hosts_rank0).
+        self._create_series(set(catalog()[1]) - self._run_scoped)
+        self.set_state("starting")
+
+    def _create_series(self, names: set[str]) -> None:
         _, specs = catalog()
         for name, spec in specs.items():
+            if name not in names:
+                continue
             closed = {k: v for k, v in spec.get("labels", {}).items() if v}
             open_labels = set(spec.get("labels", {})) - set(closed)
             if open_labels:
@@ -80,8 +90,29 @@ class NodeMetrics:
             for label, values in closed.items():
                 for value in values:
                     self.series(name, **{label: value})
-        self.set_state("starting")
-        self.set_guard_state("ok")
+
+    def set_hosts_rank0(self, hosts: bool) -> None:
+        """Whether this node's workers include global rank 0 (new each round). Gaining it
+        creates the run-scoped series (guard ``ok`` until the workers say otherwise); losing
+        it removes them: another node reports the run now, nothing stale stays here."""
+        if hosts == self.hosts_rank0:
+            return
+        self.hosts_rank0 = hosts
+        if hosts:
+            # Not the plain gauges (loss, lr, ...): a 0 there would draw a flat-zero line until
+            # the first step; they appear with their first value.
+            _, specs = catalog()
+            self._create_series(
+                {
+                    n
+                    for n in self._run_scoped
+                    if specs[n]["type"] != "gauge" or specs[n].get("labels")
+                }
+            )
+            self.set_guard_state("ok")
+        else:
+            for name in self._run_scoped:
+                self._m[name].clear()
 
     def series(self, name: str, **extra: str) -> Any:
         """The child of metric ``name`` for this node (and ``extra`` labels)."""
@@ -113,6 +144,38 @@ class NodeMetrics:
     def set_etcd_up(self, up: bool) -> None:
         self.series("elasticd_etcd_up").set(1 if up else 0)
 
+    def set_straggler(
+        self, *, compute_seconds: float | None, ratio: float | None, straggler: bool, became: bool
+    ) -> None:
+        """This node's straggler score (daemon/stragglers.py); unknown values read 0."""
+        self.series("elasticd_node_step_compute_seconds").set(compute_seconds or 0.0)
+        self.series("elasticd_node_straggler_ratio").set(ratio or 0.0)
+        self.series("elasticd_node_straggler").set(1 if straggler else 0)
+        if became:
+            self.series("elasticd_node_straggler_events_total").inc()
+
+    def set_goodput(
+        self, *, wall_seconds: float, productive_seconds: float, badput_seconds: Mapping[str, float]
+    ) -> None:
+        """The node's goodput ledger (daemon/goodput.py): badput totals only grow."""
+        self.series("elasticd_goodput_wall_seconds").set(wall_seconds)
+        self.series("elasticd_goodput_productive_seconds").set(productive_seconds)
+        ratio = productive_seconds / wall_seconds if wall_seconds > 0 else 0.0
+        self.series("elasticd_goodput_ratio").set(ratio)
+        for kind, seconds in badput_seconds.items():
+            delta = seconds - self._badput_exported.get(kind, 0.0)
+            if delta > 0:
+                self.series("elasticd_badput_seconds_total", kind=kind).inc(delta)
+                self._badput_exported[kind] = seconds
+
+    def set_node_rate(
+        self, *, step_seconds: float, tokens_per_second: float, heartbeat_age_seconds: float
+    ) -> None:
+        """What this node's own ranks show (every node): step time, throughput share, beats."""
+        self.series("elasticd_node_step_seconds").set(step_seconds)
+        self.series("elasticd_node_tokens_per_second").set(tokens_per_second)
+        self.series("elasticd_worker_heartbeat_age_seconds").set(heartbeat_age_seconds)
+
     def set_progress(self, step: int) -> None:
         """Step progress from this node's heartbeats (every node, not only rank 0's)."""
         if step > self._progress_step:
@@ -121,7 +184,10 @@ class NodeMetrics:
             self.series("elasticd_train_last_step_timestamp_seconds").set(self._clock())
 
     def on_worker_line(self, record: dict[str, Any]) -> None:
-        """Update training series from one relayed worker line."""
+        """Update training series from one relayed worker line (the run-scoped ones only on
+        the node hosting rank 0, the only rank that prints these events)."""
+        if not self.hosts_rank0:
+            return
         # Event is a StrEnum: a record's plain string finds its member's handler.
         handler = _HANDLERS.get(str(record.get("event")))
         if handler is not None:

@@ -30,7 +30,6 @@ class Reason(StrEnum):
     NODE_LOST = "node_lost"
     SCALE = "scale"
     DRAIN = "drain"
-    REWIND = "rewind"
 
 
 class Kind(StrEnum):
@@ -68,6 +67,7 @@ class Observation:
     regroup: bool = False  # the membership changes: the workers were asked to drain
     peer_failed: bool = False  # another node's workers failed: stop now
     node_lost: bool = False  # a member's lease expired
+    fenced: bool = False  # this node's own lease expired: the others dropped it
 
 
 def decide(obs: Observation) -> Decision:
@@ -85,6 +85,9 @@ def decide(obs: Observation) -> Decision:
         if obs.draining:
             return Decision(Kind.DRAINED, Reason.DRAIN)
         return Decision(Kind.REGROUP, Reason.SCALE, detail="the group drained for a new round")
+    if obs.fenced:
+        # Before anything that lets running workers go on: the group may train without us.
+        return Decision(Kind.RESTART, Reason.NODE_LOST, detail="this node's lease expired")
     if any(c in CLEAN_EXITS for c in codes):
         # The others are finishing the same step; unless they stopped making progress.
         hang = _hang(obs)

@@ -18,20 +18,29 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import lifecycle
+from daemon import identity, lifecycle
 from daemon.config import DaemonConfig, resolved_path, write_resolved
 from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir
+from daemon.goodput import (
+    Badput,
+    Ledger,
+    activity_of_phases,
+    activity_of_state,
+    process_age_seconds,
+)
 from daemon.group import Group, GroupUnavailable
 from daemon.http import StatusServer
 from daemon.lifecycle import State
 from daemon.metrics import NodeMetrics
 from daemon.policy import Decision, Kind, Observation, Reason, RestartBudget, decide
+from daemon.stragglers import STATUS_KEY, StragglerWatch, peer_values
 from daemon.workers import (
     LOG_TAIL_LINES,
     RoundAssignment,
@@ -42,7 +51,25 @@ from daemon.workers import (
 )
 from elastic import jsonlog
 from elastic.channel import DaemonChannel
-from elastic.protocol import CLEAN_EXITS, SLOW_PHASES, Action, Event, ExitCode, Heartbeat, Phase
+from elastic.config import ConfigError, to_dict
+from elastic.protocol import (
+    CLEAN_EXITS,
+    SLOW_PHASES,
+    Action,
+    Env,
+    Event,
+    ExitCode,
+    Heartbeat,
+    Phase,
+)
+from elastic.rendezvous import NodeIdTaken
+
+# Where the training time since a round's last step went when the round ended this way.
+_LOST_TO = {
+    Reason.HANG: Badput.HANG_TIMEOUT,
+    Reason.CRASH: Badput.RECOMPUTE,
+    Reason.NODE_LOST: Badput.RECOMPUTE,
+}
 
 # Worker events that also go to the run's event log in etcd (elasticctl events).
 _EVENT_LOG = frozenset(
@@ -79,6 +106,15 @@ class Supervisor:
         self.last_step = 0
         self.detail = ""
         self.last_failure: dict[str, Any] | None = None  # the newest failed worker's report
+        self.stragglers = StragglerWatch(config.stragglers)
+        self.drain_reason = "SIGTERM"  # why this node drains ("straggler": it drains itself)
+        # Wall time counts from the process's start: imports are start-up time too.
+        self.goodput = Ledger(
+            started_seconds=time.monotonic() - process_age_seconds(), max_nodes=config.nodes.max
+        )
+        self.fingerprint = identity.fingerprint(to_dict(config))  # defaults filled in
+        # (control seq, step) of an operator's restart of a diverged run, until it trains.
+        self.restart_request: tuple[int, int] | None = None
         self._etcd: EmbeddedEtcd | None = None
         self._http: StatusServer | None = None
         self.group: Group | None = None
@@ -91,6 +127,7 @@ class Supervisor:
             return
         self.metrics.set_state(self.state.value)
         self.log.info("state", state=self.state.value, previous=previous.value, **fields)
+        self._account_state(fields.get("nodes"))
         if self.group is not None:
             self.group.event(
                 {"event": "state", "state": self.state.value, "previous": previous.value, **fields}
@@ -104,10 +141,42 @@ class Supervisor:
             "last_step": self.last_step,
             "restarts": self.restart_count,
             "detail": self.detail,
+            "goodput": self.goodput.summary(time.monotonic()).to_json(),
+            identity.FINGERPRINT_KEY: self.fingerprint,
         }
         if self.last_failure is not None:
             status["last_failure"] = self.last_failure
+        if self.stragglers.compute_seconds is not None:
+            status[STATUS_KEY] = round(self.stragglers.compute_seconds, 6)
         return status
+
+    def _account_state(self, nodes: int | None) -> None:
+        """The goodput ledger follows the lifecycle; a terminal state stops its wall clock."""
+        now = time.monotonic()
+        if self.state in lifecycle.TERMINAL:
+            self.goodput.stop(now)
+        elif self.state is State.RUNNING:
+            self.goodput.start_round(now, nodes=nodes or self.config.nodes.max)
+        else:
+            self.goodput.observe(now, activity_of_state(self.state))
+        self._export_goodput(log=self.state in lifecycle.TERMINAL)
+
+    def _account_tick(self, beats: Mapping[int, Heartbeat], step: int, num_nodes: int) -> None:
+        phases = {beat.phase for beat in beats.values()}
+        self.goodput.observe(
+            time.monotonic(), activity_of_phases(phases), step=step, nodes=num_nodes
+        )
+        self._export_goodput()
+
+    def _export_goodput(self, *, log: bool = False) -> None:
+        summary = self.goodput.summary(time.monotonic())
+        self.metrics.set_goodput(
+            wall_seconds=summary.wall_seconds,
+            productive_seconds=summary.productive_seconds,
+            badput_seconds={kind.value: s for kind, s in summary.badput_seconds.items()},
+        )
+        if log:  # elasticctl report reads the newest of these lines
+            self.log.info("goodput", **summary.to_json())
 
     def _publish_status(self) -> None:
         if self.group is not None:
@@ -144,7 +213,14 @@ class Supervisor:
             metrics=self.metrics,
             wake=self.wake.set,
         )
-        self.group.register(self.status())
+        try:
+            self.group.register(self.status())
+        except (ConfigError, NodeIdTaken) as exc:
+            # One line, exit 2: a second daemon with a live node's id, or another job's config.
+            self.detail = str(exc)
+            self.log.error("refused", reason=self.detail)
+            print(f"elasticd: refused: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
         # Join with warm workers: a running group drains as soon as this node is on the wait
         # list, and its pause must not include this node's imports.
         self.pool.wait_ready(
@@ -248,7 +324,7 @@ class Supervisor:
                 node=self.node,
                 worker_dir=worker_dir,
                 config_path=self.config_path,
-                extra=self.config.worker.env,
+                extra=self._worker_extra_env(),
             )
             for i in range(assignment.nproc_per_node)
         ]
@@ -268,6 +344,12 @@ class Supervisor:
         self.log.info("workers_started", round=assignment.round_id, pids=workers.pids)
         return workers
 
+    def _worker_extra_env(self) -> dict[str, str]:
+        env = dict(self.config.worker.env)
+        if self.restart_request is not None:
+            env[Env.RESTORE_STEP] = str(self.restart_request[1])
+        return env
+
     def _on_worker_line(self, local_rank: int, record: dict[str, Any]) -> None:
         self.metrics.on_worker_line(record)
         if record.get("event") == Event.STEP:
@@ -281,12 +363,14 @@ class Supervisor:
         assert self.group is not None
         wd = self.config.watchdog
         progress = _Progress(time.time())
+        progress.world_size = assignment.world_size
+        self.metrics.set_hosts_rank0(assignment.group_rank == 0)
         draining = regroup = pool_filled = False
         while True:
             self.wake.clear()  # before looking: a wake-up from here on is not lost
             if self.terminate.is_set() and not draining:
                 draining = True
-                self.transition(State.DRAINING, reason="SIGTERM")
+                self.transition(State.DRAINING, reason=self.drain_reason)
                 channel.send(Action.DRAIN)
                 drain_deadline = time.monotonic() + self.config.drain.timeout_seconds
             if not draining and not regroup and self.group.regroup_wanted(assignment):
@@ -296,12 +380,22 @@ class Supervisor:
             self._relay_control(channel)
             now = time.time()
             beats = channel.heartbeats()
+            self._watch_stragglers(beats, assignment)
             progress.update(beats, now)
+            self._account_tick(beats, progress.step, assignment.num_nodes)
             if progress.training(now, blind_after_seconds=wd.timeout_seconds) and not pool_filled:
                 self.pool.fill()  # training runs: warm the next round's workers now
                 pool_filled = True
+            if self.restart_request is not None and progress.trained_a_step:
+                self.group.clear_restart(self.restart_request[0])
+                self.restart_request = None  # trained from it: later rounds resume as usual
             self.last_step = max(self.last_step, progress.step)
             self.metrics.set_progress(progress.step)
+            self.metrics.set_node_rate(
+                step_seconds=progress.step_seconds,
+                tokens_per_second=progress.tokens_per_second(assignment.nproc_per_node),
+                heartbeat_age_seconds=progress.oldest_beat_age(beats, now),
+            )
             self.group.set_status(self.status())
             obs = Observation(
                 exit_codes=_exit_codes(workers, assignment.nproc_per_node),
@@ -317,15 +411,63 @@ class Supervisor:
                 regroup=regroup,
                 peer_failed=self.group.peer_failed(assignment),
                 node_lost=self.group.member_lost(assignment),
+                fenced=self.group.fenced(assignment),
             )
             decision = decide(obs)
             if decision.kind is not Kind.CONTINUE:
+                lost_to = _LOST_TO.get(decision.reason) if decision.reason else None
+                self.goodput.end_round(time.monotonic(), lost_to=lost_to)
+                self._export_goodput(log=True)
                 return decision
             if draining and time.monotonic() > drain_deadline:
                 return Decision(Kind.DRAINED, Reason.DRAIN, detail="drain timeout")
             if progress.paused:
                 progress.last_change = now  # a paused group is alive, not hung
             self.wake.wait(wd.poll_seconds)
+
+    def _watch_stragglers(
+        self, beats: Mapping[int, Heartbeat], assignment: RoundAssignment
+    ) -> None:
+        """Score this node's step compute time against the other nodes' of the round
+        (daemon/stragglers.py); a change is an event, and with ``stragglers.drain`` a new
+        straggler leaves as on SIGTERM (checkpoint at the next step boundary)."""
+        assert self.group is not None
+        if not self.config.stragglers.enabled:
+            return
+        round_id = assignment.round_id
+        others = peer_values(self.group.watch.list_nodes(), node=self.node, round_id=round_id)
+        verdict = self.stragglers.update(
+            beats, others=others, round_id=round_id, now=time.monotonic()
+        )
+        s = verdict.score
+        self.metrics.set_straggler(
+            compute_seconds=self.stragglers.compute_seconds,
+            ratio=s.ratio if s is not None else None,
+            straggler=verdict.straggler,
+            became=verdict.changed and verdict.straggler,
+        )
+        if not verdict.changed:
+            return
+        record: dict[str, Any] = {
+            "straggler": verdict.straggler,
+            "round": round_id,
+            "last_step": self.last_step,
+            "slow_seconds": round(verdict.slow_seconds, 3),
+            "drain": verdict.straggler and self.config.stragglers.drain,
+        }
+        if s is not None:
+            record.update(
+                compute_seconds=round(s.own_seconds, 6),
+                reference_seconds=round(s.reference_seconds, 6),
+                ratio=round(s.ratio, 3),
+                robust_z=None if s.robust_z is None else round(s.robust_z, 2),
+                nodes=s.num_nodes,
+            )
+        (self.log.warning if verdict.straggler else self.log.info)("straggler", **record)
+        self.group.event({"event": "straggler", **record})
+        if record["drain"]:
+            self.drain_reason = "straggler"
+            self._stop_requested()
 
     def _relay_control(self, channel: DaemonChannel) -> None:
         assert self.group is not None
@@ -341,7 +483,10 @@ class Supervisor:
         assignment: RoundAssignment,
     ) -> int | None:
         assert self.group is not None
-        if decision.kind is Kind.RESTART and decision.reason is Reason.CRASH:
+        fenced = self.group.fenced(assignment)
+        if decision.kind is Kind.RESTART and (decision.reason is Reason.CRASH or fenced):
+            # A fenced node's lease is back at once, so its peers see no node leave: without
+            # the abort they would wait for a collective or start-up timeout.
             self.group.announce_failure(assignment, decision.detail)
         # Before stop(): what exited on its own, not what our SIGTERM ended.
         failed = [e for e in workers.poll() if e.returncode not in CLEAN_EXITS]
@@ -376,9 +521,10 @@ class Supervisor:
             return ExitCode.CONFIG
         if decision.kind is Kind.DIVERGED:
             self.detail = decision.detail
+            seq = self.group.control_seq()  # a rewind requested from now on brings it back
             self.transition(State.DIVERGED, reason=decision.detail)
             self.group.mark_run("diverged")
-            return self._linger(ExitCode.DIVERGED)
+            return self._await_operator(after_seq=seq)
         return self._restart(decision)
 
     def _log_exits(
@@ -418,6 +564,24 @@ class Supervisor:
         self.transition(State.JOINING, reason=reason.value)
         return None
 
+    def _await_operator(self, *, after_seq: int) -> int | None:
+        """``diverged``: no training until an operator acts (the runbook ElasticdRunDiverged).
+        ``elasticctl rewind --to-step N`` restarts the group from the committed step N (a fresh
+        guard budget; a paused run then waits for ``elasticctl resume``); SIGTERM stops."""
+        assert self.group is not None
+        self.log.error("stopped_training", state=self.state.value, detail=self.detail)
+        while not self.terminate.is_set():
+            request = self.group.take_restart(after_seq)
+            if request is not None:
+                self.restart_request = request
+                self.detail = ""
+                self.log.info("operator_restart", to_step=request[1], seq=request[0])
+                self.transition(State.JOINING, reason=f"operator rewind to step {request[1]}")
+                return None
+            self.wake.wait(self.config.watchdog.poll_seconds)
+            self.wake.clear()
+        return ExitCode.DIVERGED
+
     def _linger(self, code: int) -> int:
         """Stay up (serving /healthz and status) until told to stop: operators need to see why."""
         self.log.error("stopped_training", state=self.state.value, detail=self.detail)
@@ -437,6 +601,10 @@ class _Progress:
         self.slow_phase = True
         self.paused = False
         self._seen: dict[int, tuple[int, Phase]] = {}
+        self.step_seconds = 0.0  # wall time per step between the newest beats, 0 unknown
+        self.world_size = 0
+        self._step_tokens: float | None = None  # the group's tokens of the newest step
+        self._newest: tuple[int, float] | None = None  # (step, time_unix) of the newest beat
 
     @property
     def trained_a_step(self) -> bool:
@@ -470,6 +638,26 @@ class _Progress:
         self.slow_phase = bool(phases & SLOW_PHASES) or all(b.step == 0 for b in beats.values())
         self.paused = phases == {Phase.PAUSED}
         self.step = max(b.step for b in beats.values())
+        self._rate(max(beats.values(), key=lambda b: (b.step, b.time_unix)))
+
+    def _rate(self, newest: Heartbeat) -> None:
+        if newest.step_tokens is not None:
+            self._step_tokens = newest.step_tokens
+        if self._newest is not None and newest.step > self._newest[0]:
+            steps = newest.step - self._newest[0]
+            self.step_seconds = max(newest.time_unix - self._newest[1], 0.0) / steps
+        if self._newest is None or newest.step != self._newest[0]:
+            self._newest = (newest.step, newest.time_unix)
+
+    def tokens_per_second(self, nproc_per_node: int) -> float:
+        """This node's share (its ranks of the world) of the group's throughput; 0 unknown."""
+        if not self.step_seconds or self._step_tokens is None or not self.world_size:
+            return 0.0
+        return self._step_tokens * nproc_per_node / self.world_size / self.step_seconds
+
+    @staticmethod
+    def oldest_beat_age(beats: Mapping[int, Heartbeat], now: float) -> float:
+        return max((now - b.time_unix for b in beats.values()), default=0.0)
 
 
 def _exit_codes(workers: WorkerGroup, nproc: int) -> list[int | None]:

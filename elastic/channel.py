@@ -68,6 +68,8 @@ class WorkerChannel:
         self._monotonic = monotonic
         self._min_interval_seconds = min_interval_seconds
         self._written: tuple[int, Phase, float] | None = None  # step, phase, monotonic time
+        self._compute: list[float] = []  # step compute times not yet published
+        self._step_tokens: float | None = None  # the group's tokens of the newest step
         self._control_mtime_ns = -1
         self._last_seq = 0
 
@@ -76,10 +78,26 @@ class WorkerChannel:
         """Whether a daemon is on the other side."""
         return self._dir is not None
 
-    def beat(self, step: int, phase: Phase = Phase.TRAIN) -> None:
-        """Publish (step, phase): at once on a new phase or a step back, else rate-limited."""
+    def beat(
+        self,
+        step: int,
+        phase: Phase = Phase.TRAIN,
+        *,
+        compute_seconds: float | None = None,
+        step_tokens: float | None = None,
+    ) -> None:
+        """Publish (step, phase): at once on a new phase or a step back, else rate-limited.
+
+        ``compute_seconds`` (one step's compute time) is kept until the next written beat,
+        which publishes the mean of the kept ones: a rate-limited beat loses no step's time.
+        ``step_tokens``: the group's tokens of the step (the newest one is published).
+        """
         if self._dir is None:
             return
+        if compute_seconds is not None:
+            self._compute.append(compute_seconds)
+        if step_tokens is not None:
+            self._step_tokens = step_tokens
         now = self._monotonic()
         if self._written is not None:
             last_step, last_phase, last_time = self._written
@@ -89,10 +107,20 @@ class WorkerChannel:
                 and now - last_time < self._min_interval_seconds
             ):
                 return
-        beat = Heartbeat(self._local_rank, step, Phase(phase), self._clock(), os.getpid())
+        compute = sum(self._compute) / len(self._compute) if self._compute else None
+        beat = Heartbeat(
+            self._local_rank,
+            step,
+            Phase(phase),
+            self._clock(),
+            os.getpid(),
+            compute,
+            self._step_tokens,
+        )
         payload = json.dumps(beat.to_json()).encode()
         replace_file(self._dir / heartbeat_file(self._local_rank), payload)
         self._written = (step, Phase(phase), now)
+        self._compute.clear()
 
     def poll(self) -> Control | None:
         """A control request not seen before, or None (one stat when nothing changed)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -135,6 +136,15 @@ class Env(StrEnum):
     NODE = "ELASTICD_WORKER_NODE"  # this node's name, for log lines
     CONFIG = "ELASTICD_WORKER_CONFIG"  # path of the resolved job config (YAML)
     ALLOW_FAULTS = "ELASTICD_ALLOW_FAULTS"  # "1": the config's `faults:` may fire
+    # Set for one round only: restart a diverged run from this committed step (an operator's
+    # `elasticctl rewind --to-step N` after `diverged`), instead of the newest checkpoint.
+    RESTORE_STEP = "ELASTICD_WORKER_RESTORE_STEP"
+
+
+def restore_step(environ: Mapping[str, str]) -> int | None:
+    """The operator's restart step of a diverged run (:attr:`Env.RESTORE_STEP`), or None."""
+    value = environ.get(Env.RESTORE_STEP, "")
+    return int(value) if value else None
 
 
 # The torch elastic contract, set for every worker exactly as torchrun sets it.
@@ -181,24 +191,40 @@ class Heartbeat:
     phase: Phase
     time_unix: float
     pid: int
+    # Mean step compute time of the steps completed since the previous beat: from the start of
+    # the step's body to the moment the rank enters the step's collective (the collective then
+    # equalises every rank's wall time, so the time spent waiting in it is not counted). None
+    # before the first step, and from loops that do not measure it (optional on the wire).
+    compute_seconds: float | None = None
+    # Tokens of the whole group's last step (every rank's share together), when the loop
+    # reports them: the daemon derives its node's share of the throughput. Optional too.
+    step_tokens: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "step": self.step,
             "phase": self.phase.value,
             "time_unix": self.time_unix,
             "pid": self.pid,
         }
+        if self.compute_seconds is not None:
+            payload["compute_seconds"] = self.compute_seconds
+        if self.step_tokens is not None:
+            payload["step_tokens"] = self.step_tokens
+        return payload
 
     @classmethod
     def from_json(cls, local_rank: int, data: dict[str, Any]) -> Heartbeat:
         """Raises ValueError/KeyError/TypeError on a malformed beat."""
+        compute, tokens = data.get("compute_seconds"), data.get("step_tokens")
         return cls(
             local_rank,
             int(data["step"]),
             Phase(str(data["phase"])),
             float(data["time_unix"]),
             int(data["pid"]),
+            None if compute is None else float(compute),
+            None if tokens is None else float(tokens),
         )
 
 

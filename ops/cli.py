@@ -12,7 +12,8 @@
                                      (storage only: with --url or --config, no etcd needed)
     scale --min N --max M            new node bounds; the group re-forms at a step boundary
     pause | resume                   hold training at the next step boundary / go on
-    rewind --to-step N               rewind to the committed checkpoint of step N
+    rewind --to-step N               rewind to the committed checkpoint of step N (a diverged
+                                     run restarts from it)
     report --log FILE... --out PNG   loss and grad norm over steps, with events marked
 
 Where the run is: ``--config`` reads the job's config file as the daemon does (its ``run_id``
@@ -45,6 +46,7 @@ from daemon.embedded_etcd import published_endpoint
 from elastic.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
 from elastic.config import build, check_name, layered
 from elastic.rendezvous import EtcdConfig, EtcdRendezvousError, RunStore, connect
+from ops import goodput
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,7 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("--max", type=int, required=True, dest="max_nodes")
     sub.add_parser("pause")
     sub.add_parser("resume")
-    rewind = sub.add_parser("rewind")
+    rewind = sub.add_parser(
+        "rewind",
+        help="rewind to a committed checkpoint; restarts a diverged run from it",
+    )
     rewind.add_argument("--to-step", type=int, required=True)
     report = sub.add_parser("report")
     report.add_argument("--log", nargs="+", required=True, help="JSON-lines logs of the run")
@@ -176,6 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status is None:
         print(f"elasticctl: no status for run {args.target.run_id!r}", file=sys.stderr)
         return EXIT_FAILED
+    per_node_goodput = goodput.member_ledgers(status.get("members") or {})
+    if per_node_goodput:
+        status["goodput"] = goodput.combine(per_node_goodput.values())
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
@@ -206,6 +214,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     for line in failure_lines(members):
         print(line)
+    if per_node_goodput:
+        print()
+        print("\n".join(goodput.lines(per_node_goodput)))
     return EXIT_OK
 
 

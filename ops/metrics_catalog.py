@@ -57,7 +57,8 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _VALUE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOP_KEYS = frozenset({"common_labels", "metrics"})
-_METRIC_KEYS = frozenset({"name", "type", "help", "labels", "buckets"})
+_METRIC_KEYS = frozenset({"name", "type", "help", "labels", "buckets", "scope"})
+SCOPES = ("node", "run")  # run: exported only by the node that hosts global rank 0
 
 
 class CatalogError(ValueError):
@@ -86,6 +87,7 @@ class Metric:
     labels: tuple[Label, ...] = ()
     buckets: tuple[float, ...] = ()
     common_labels: tuple[str, ...] = ("run_id", "node")
+    scope: str = "node"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -172,6 +174,9 @@ def _parse_metric(entry: Any, common: tuple[str, ...]) -> Metric:
     buckets = entry.get("buckets") or []
     if not isinstance(buckets, list) or not all(isinstance(b, int | float) for b in buckets):
         raise CatalogError(f"{name}: 'buckets' must be a list of numbers")
+    scope = entry.get("scope", "node")
+    if scope not in SCOPES:
+        raise CatalogError(f"{name}: scope={scope!r}: must be one of {list(SCOPES)}")
     return Metric(
         name=name,
         type=MetricType(kind_text),
@@ -179,6 +184,7 @@ def _parse_metric(entry: Any, common: tuple[str, ...]) -> Metric:
         labels=tuple(_parse_label(name, key, values) for key, values in labels.items()),
         buckets=tuple(float(b) for b in buckets),
         common_labels=common,
+        scope=scope,
     )
 
 
@@ -574,12 +580,14 @@ def substitute_variables(expr: str, values: Mapping[str, str] | None = None) -> 
 def markdown_table(catalog: Catalog) -> str:
     """The metrics table of ``docs/metrics.md`` (a test keeps the document in sync)."""
     rows = [
-        "| Metric | Type | Extra labels (values) | Help |",
-        "| --- | --- | --- | --- |",
+        "| Metric | Type | Scope | Extra labels (values) | Help |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for metric in catalog.metrics:
         labels = ", ".join(_label_cell(label) for label in metric.labels) or "-"
-        rows.append(f"| `{metric.name}` | {metric.type.value} | {labels} | {metric.help} |")
+        rows.append(
+            f"| `{metric.name}` | {metric.type.value} | {metric.scope} | {labels} | {metric.help} |"
+        )
     return "\n".join(rows) + "\n"
 
 

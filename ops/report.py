@@ -4,6 +4,8 @@ Marked on both panels: rewinds (from ``rewind`` events: the trigger step and the
 to), worker restarts (``restart`` events, at the last step completed before them) and changes
 of world size (from the step lines). Steps repeated after a restart or a rewind are drawn where
 they happened: the last line for a step wins, so the curve shows the run that counted.
+The title and the printed summary carry the run's goodput (:mod:`ops.goodput`) from each node's
+newest ``goodput`` line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ops import goodput
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 
@@ -23,6 +27,7 @@ class RunHistory:
     steps: dict[int, dict[str, Any]] = field(default_factory=dict)
     rewinds: list[tuple[int, int]] = field(default_factory=list)  # (trigger, to_step)
     restarts: list[tuple[int, str]] = field(default_factory=list)  # (last step, reason)
+    goodput: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> newest ledger
 
     def world_size_changes(self) -> list[tuple[int, int]]:
         changes, previous = [], None
@@ -57,6 +62,8 @@ def read_history(paths: Iterable[str]) -> RunHistory:
             )
         elif event == "restart":
             history.restarts.append((last_step, str(record.get("reason"))))
+        elif event == "goodput":
+            history.goodput[str(record.get("node"))] = record
     return history
 
 
@@ -78,15 +85,19 @@ def write_report(logs: Sequence[str], out: str) -> int:
     ax_grad.set_ylabel("grad norm (before clipping)")
     ax_grad.set_xlabel("step")
     _mark(ax_loss, ax_grad, history)
+    run_goodput = goodput.combine(history.goodput.values())
     ax_loss.set_title(
         f"elasticd run: {len(steps)} steps, {len(history.rewinds)} rewinds, "
         f"{len(history.restarts)} restarts"
+        + (f", goodput {run_goodput['ratio']:.1%}" if run_goodput else "")
     )
     ax_loss.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     print(f"wrote {out}")
+    for line in goodput.lines(history.goodput):
+        print(line)
     return EXIT_OK
 
 

@@ -12,7 +12,10 @@ from elastic.config import yaml_key
 from model.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-OPAQUE = {"model", "data", "train", "nodes", "etcd", "watchdog", "drain", "metrics", "worker"}
+OPAQUE = {
+    *("model", "data", "train", "nodes", "etcd", "watchdog", "drain", "metrics", "worker"),
+    "stragglers",
+}
 
 
 def config_keys(cls: type, prefix: str = "") -> set[str]:

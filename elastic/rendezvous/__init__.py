@@ -23,6 +23,7 @@ from elastic.rendezvous.errors import (
     EtcdStateError,
     EtcdTlsError,
     EtcdUnavailableError,
+    NodeIdTaken,
 )
 from elastic.rendezvous.etcd_client import EtcdClient, connect
 from elastic.rendezvous.handler import EtcdRendezvousHandler, create_handler
@@ -50,6 +51,7 @@ __all__ = [
     "InMemoryEtcd",
     "KeyValueClient",
     "NodeEvent",
+    "NodeIdTaken",
     "NodeLease",
     "NodeWatch",
     "RunKeys",

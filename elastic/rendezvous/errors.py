@@ -56,3 +56,17 @@ class EtcdRequestError(EtcdRendezvousError):
 
 class EtcdStateError(EtcdRendezvousError, RendezvousStateError):
     """A value read from etcd is corrupt (not the JSON or state bytes we wrote)."""
+
+
+class NodeIdTaken(EtcdRendezvousError):
+    """Another live process holds this node id's key (its lease is alive): two daemons with one
+    ``--node-id`` would overwrite each other's membership, and the second one's exit would
+    delete the first one's key."""
+
+    def __init__(self, node_id: str, holder: dict[str, object]) -> None:
+        state = holder.get("state", "?")
+        super().__init__(
+            f"node id {node_id!r} is held by a live daemon (state {state}, lease alive): "
+            "give every node its own --node-id, or stop the other one first"
+        )
+        self.node_id = node_id

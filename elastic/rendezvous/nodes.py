@@ -5,7 +5,8 @@ lease of ``ttl_seconds`` that a background thread refreshes every TTL/3. ``revok
 graceful exit deletes the key at once; a killed process's key vanishes when the lease expires.
 When etcd forgot the lease (an outage longer than the TTL), the thread re-creates lease and key
 and reports it through ``on_expired`` and ``expired_count``: the rest of the group may already
-have treated this node as gone.
+have treated this node as gone. The key is only ever created where none exists (one
+transaction): while another live lease holds the id, ``register`` raises ``NodeIdTaken``.
 
 ``NodeWatch`` turns that prefix into ``NodeEvent("joined" | "left", node_id, info)`` delivered to
 a callback or a queue, keeps ``list_nodes()`` current, and after an etcd outage re-lists and
@@ -23,9 +24,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from elastic import jsonlog
-from elastic.rendezvous.errors import EtcdRendezvousError, EtcdStateError
+from elastic.rendezvous.errors import EtcdRendezvousError, EtcdStateError, NodeIdTaken
 from elastic.rendezvous.keys import RunKeys
-from elastic.rendezvous.kv import KeyValue, KeyValueClient, WatchEvent
+from elastic.rendezvous.kv import KeyValue, KeyValueClient, Put, WatchEvent
 from elastic.rendezvous.watching import PrefixWatch
 
 log = jsonlog.get("elastic.rendezvous.nodes")
@@ -72,6 +73,7 @@ class NodeLease:
         self._info: dict[str, Any] = {}
         self._lease_id: int | None = None
         self.expired_count = 0  # times etcd had dropped the lease and it was re-created
+        self.taken = False  # the lease expired and another daemon registered this id
 
     @property
     def node_id(self) -> str | None:
@@ -107,11 +109,22 @@ class NodeLease:
         self._kv.put(self.key, _encode(self._info), lease_id=lease_id)
 
     def _assert(self) -> None:
+        """A new lease and the key under it, only if no live lease holds the key (one
+        transaction): a second daemon with this id is refused, not allowed to overwrite."""
         lease_id = self._kv.grant_lease(self._ttl)
         with self._lock:
-            self._lease_id = lease_id
             value = _encode(self._info)
-        self._kv.put(self.key, value, lease_id=lease_id)
+        result = self._kv.commit(
+            self.key, expected_mod_revision=0, ops=[Put(self.key, value, lease_id=lease_id)]
+        )
+        if not result.succeeded:
+            self._kv.revoke_lease(lease_id)
+            holder = result.current
+            raise NodeIdTaken(
+                self._node_id or "?", _decode(self.key, holder.value) if holder else {}
+            )
+        with self._lock:
+            self._lease_id = lease_id
 
     def _keep_alive(self) -> None:
         needs_assert = False
@@ -127,7 +140,15 @@ class NodeLease:
                     log.warning("node_lease_expired", node=self._node_id, key=self.key)
                 if self._stop.is_set():
                     return
-                self._assert()
+                try:
+                    self._assert()
+                except NodeIdTaken as exc:
+                    # Our lease expired and another daemon took the id meanwhile: it is the
+                    # node now; this one must not fight over the key.
+                    log.error("node_id_taken", node=self._node_id, error=str(exc))
+                    self.taken = True
+                    self._notify_expired()
+                    return
                 needs_assert = False
                 interval = self._ttl / 3
                 self._notify_expired()

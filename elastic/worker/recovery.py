@@ -151,6 +151,18 @@ class Recovery:
         self._write_ledger()
         return details
 
+    def restart_from(self, step: int) -> dict[str, Any]:
+        """Book an operator's restart of a diverged run from ``step`` (already loaded): the
+        checkpoints after it are gone, the guard starts over with a fresh budget (the operator
+        decided), the data ledger is kept. Returns the rewind event's details."""
+        self.guard = Guard(self._guard_config, self._rewind_config)
+        self.committed = {s: good for s, good in self.committed.items() if s <= step}
+        details = {"to_step": step, "kind": "operator", "reason": "restart after diverged"}
+        self.ledger.record("restart", step=step, reason=details["reason"])
+        self.ledger.at_step = step
+        self._write_ledger()
+        return details
+
     def give_up(self, step: int, reasons: Sequence[str]) -> None:
         self.ledger.record("diverged", step=step, reasons=list(reasons))
         self._write_ledger()

@@ -20,6 +20,8 @@ step ``steps()`` yields is the one after the rewind target, so everything the lo
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from elastic.checkpoint.errors import CheckpointExists
 from elastic.checkpoint.manager import CheckpointManager
 from elastic.faults import FaultConfig, FaultInjector
 from elastic.guard import Action, RewindPlan, Verdict
-from elastic.protocol import Event, ExitCode, Phase
+from elastic.protocol import Event, ExitCode, Phase, restore_step
 from elastic.worker.config import RunConfig
 from elastic.worker.control import ControlState
 from elastic.worker.dist import DistInfo, shutdown, sum_across_ranks
@@ -102,6 +104,8 @@ class Run:
         self._current: int | None = None
         self._outcome: _Outcome | None = None
         self._phase_seconds = 0.0  # of the current step, spent in run.phase(...)
+        self._step_started = 0.0  # perf_counter() when the current step's body began
+        self._compute_seconds: float | None = None  # of the current step, up to its vote
 
     # ----------------------------------------------------------------- set-up
     def track(self, **objects: Any) -> None:
@@ -125,8 +129,22 @@ class Run:
         to this world size); the step to continue after (0 for a fresh run)."""
         started = time.monotonic()
         self.channel.beat(self.step, Phase.LOAD)
-        manifest = self._load(step=None)
-        self.recovery.adopt(manifest, listed=self.ckpt.list())
+        listed = self.ckpt.list()
+        restart_step = restore_step(os.environ)
+        if restart_step is not None and restart_step not in {m.step for m in listed}:
+            # Every rank reads the same list: all leave here, before any collective.
+            committed = sorted(m.step for m in listed)
+            print(
+                f"elasticd: invalid config: rewind --to-step={restart_step}: no committed "
+                f"checkpoint at that step (committed: {committed})",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(int(ExitCode.CONFIG))
+        manifest = self._load(step=restart_step)
+        self.recovery.adopt(manifest, listed=listed)
+        if restart_step is not None:
+            self._restart_after_diverged(restart_step)
         self._check_fingerprints(manifest.meta if manifest else {})
         self._restored = True
         jsonlog.bind(step=None)
@@ -152,7 +170,7 @@ class Run:
             step = self.step + 1
             self.drills.before_step(step)
             self._current, self._outcome, self._phase_seconds = step, None, 0.0
-            started = time.perf_counter()
+            started = self._step_started = time.perf_counter()
             yield step
             if self._outcome is None:
                 self._vote(step, loss=None)  # the control vote still has to happen
@@ -161,7 +179,9 @@ class Run:
             self._current = None
             self.step = step
             self._log_step(step, duration)
-            self.channel.beat(self.step)
+            self.channel.beat(
+                self.step, compute_seconds=self._compute_seconds, step_tokens=self._step_tokens()
+            )
             code = self._boundary(step)
             if code is not None:
                 self.exit_code = code
@@ -214,6 +234,10 @@ class Run:
     ) -> _Outcome:
         """COLLECTIVE: the step vote, then the guard's verdict (``loss`` None: a step the loop
         did not report, which votes on control only and never reaches the guard)."""
+        self.drills.in_step(step)  # a `slow` drill: before the collective, so it is compute
+        # Measured before the collective: waiting in it equalises every rank's wall time, so
+        # only the time up to here tells a straggler from the ranks that wait for it.
+        self._compute_seconds = time.perf_counter() - self._step_started - self._phase_seconds
         self._control.take(self.channel.poll())
         c = self._control
         vote = StepVote.of(
@@ -343,6 +367,16 @@ class Run:
             return
         self._rewind(plan)
 
+    def _restart_after_diverged(self, step: int) -> None:
+        """COLLECTIVE. The operator's way out of ``diverged``: continue from ``step`` with
+        later checkpoints retired and a fresh guard budget. Fault firings are kept (unlike a
+        guard rewind): the operator fixed the cause before restarting."""
+        if self.info.is_main:
+            self.ckpt.retire_after(step)
+        dist.barrier()
+        details = self.recovery.restart_from(step)
+        self.event(Event.REWIND, **details)
+
     def _rewind(self, plan: RewindPlan) -> None:
         self.ckpt.wait()
         if self.info.is_main:
@@ -409,6 +443,11 @@ class Run:
         for section, value in self._fingerprints.items():
             if section in saved and saved[section] != value:
                 self.event(Event.CONFIG_CHANGED, section=section, level="warning")
+
+    def _step_tokens(self) -> float | None:
+        """The group's tokens of the step just done (already on the host: the vote's sum)."""
+        outcome = self._outcome
+        return outcome.agreed.tokens if outcome is not None and outcome.counted else None
 
     # ----------------------------------------------------------------- step line
     def _log_step(self, step: int, duration_seconds: float) -> None:

@@ -18,12 +18,26 @@ def value(metrics: NodeMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, {"run_id": "r", "node": "n", **labels})
 
 
-def fresh() -> NodeMetrics:
-    return NodeMetrics(run_id="r", node="n", registry=CollectorRegistry(), clock=lambda: 1000.0)
+def fresh(*, hosts_rank0: bool = True) -> NodeMetrics:
+    metrics = NodeMetrics(run_id="r", node="n", registry=CollectorRegistry(), clock=lambda: 1000.0)
+    metrics.set_hosts_rank0(hosts_rank0)
+    return metrics
+
+
+RUN_SCOPED = sorted(m.name for m in metrics_catalog.load().metrics if m.scope == "run")
+STEP_LINE = {"event": "step", "step": 7, "loss": 3.5, "grad_norm": 1.2, "lr": 0.001}
+
+
+def families(metrics: NodeMetrics) -> set[str]:
+    """Metric names with at least one sample in the exposition."""
+    return {m.name for m in metrics.registry.collect() if m.samples}
 
 
 def test_exposition_matches_the_catalog_exactly() -> None:
     metrics = fresh()
+    metrics.on_worker_line({**STEP_LINE, "tokens_per_s": 900.0})
+    metrics.on_worker_line({"event": "checkpoint_commit", "step": 5})
+    metrics.on_worker_line({"event": "checkpoint_known_good", "step": 5})
     metrics.on_worker_line({"event": "eval", "losses": {"code": 2.5}})
     problems = metrics_catalog.exposition_problems(
         scrape(metrics), metrics_catalog.load(), require_all=True
@@ -89,3 +103,41 @@ def test_a_loops_own_events_and_plain_output_update_nothing() -> None:
     metrics.on_worker_line({"event": "worker_output", "text": "hello"})
     metrics.on_worker_line({"text": "no event at all"})
     assert scrape(metrics) == before
+
+
+def test_run_level_series_are_absent_on_a_node_without_rank_0() -> None:
+    metrics = fresh(hosts_rank0=False)
+    metrics.on_worker_line(STEP_LINE)  # a stray line changes nothing either
+    names = {n.removesuffix("_total") for n in RUN_SCOPED}
+    assert not names & families(metrics), "run-level series exported by a non-rank-0 node"
+    assert value(metrics, "elasticd_train_loss") is None
+    assert value(metrics, "elasticd_guard_state", state="ok") is None
+    assert value(metrics, "elasticd_worker_restarts_total", reason="crash") == 0  # node's own
+    problems = metrics_catalog.exposition_problems(scrape(metrics), metrics_catalog.load())
+    assert problems == []
+
+
+def test_rank_0_moving_away_leaves_nothing_stale_and_moving_back_starts_clean() -> None:
+    metrics = fresh()
+    metrics.on_worker_line(STEP_LINE)
+    metrics.on_worker_line({"event": "checkpoint_commit", "step": 5})
+    metrics.on_worker_line({"event": "diverged"})
+    assert value(metrics, "elasticd_train_loss") == 3.5
+    metrics.set_hosts_rank0(False)  # the next round puts rank 0 on another node
+    assert value(metrics, "elasticd_train_loss") is None
+    assert value(metrics, "elasticd_checkpoint_last_committed_step") is None
+    assert value(metrics, "elasticd_guard_state", state="diverged") is None
+    assert value(metrics, "elasticd_train_step") == 7  # the node's own progress stays
+    metrics.set_hosts_rank0(True)
+    assert value(metrics, "elasticd_guard_state", state="ok") == 1
+    assert value(metrics, "elasticd_guard_state", state="diverged") == 0
+    assert value(metrics, "elasticd_guard_rewinds_total") == 0
+    assert value(metrics, "elasticd_train_loss") is None  # until rank 0 reports again
+
+
+def test_node_rate_series() -> None:
+    metrics = fresh(hosts_rank0=False)
+    metrics.set_node_rate(step_seconds=0.5, tokens_per_second=1536.0, heartbeat_age_seconds=0.2)
+    assert value(metrics, "elasticd_node_step_seconds") == 0.5
+    assert value(metrics, "elasticd_node_tokens_per_second") == 1536.0
+    assert value(metrics, "elasticd_worker_heartbeat_age_seconds") == 0.2

@@ -54,3 +54,22 @@ def test_progress_with_heartbeats_trains_once_a_step_is_done_and_pauses_on_phase
     assert progress.training(102.0, blind_after_seconds=60.0) and not progress.slow_phase
     progress.update({0: beat(1, Phase.PAUSED)}, 103.0)
     assert progress.paused and progress.last_change == 103.0
+
+
+def test_progress_derives_the_nodes_step_time_and_throughput_share_from_beats() -> None:
+    progress = _Progress(100.0)
+    progress.world_size = 4  # 2 nodes x 2 ranks
+    assert progress.tokens_per_second(2) == 0.0  # nothing known yet
+
+    def beat(rank: int, step: int, at: float) -> Heartbeat:
+        return Heartbeat(rank, step, Phase.TRAIN, at, 1, step_tokens=4096.0)
+
+    progress.update({0: beat(0, 10, 200.0), 1: beat(1, 10, 200.1)}, now=200.2)
+    assert progress.step_seconds == 0.0  # one point is no rate
+    progress.update({0: beat(0, 14, 202.1), 1: beat(1, 14, 202.0)}, now=202.2)
+    assert progress.step_seconds == (202.1 - 200.1) / 4
+    # Half the ranks of the world: half the group's 4,096 tokens per step.
+    assert progress.tokens_per_second(2) == 2048.0 / progress.step_seconds
+    beats = {0: beat(0, 14, 202.1), 1: beat(1, 14, 201.0)}
+    assert _Progress.oldest_beat_age(beats, 203.0) == 2.0
+    assert _Progress.oldest_beat_age({}, 203.0) == 0.0

@@ -88,3 +88,21 @@ def test_a_second_request_in_the_same_mtime_tick_is_not_missed(tmp_path: Path) -
     os.utime(control, ns=(mtime_ns, mtime_ns))  # what a coarse file-system clock does
     resumed = worker.poll()
     assert resumed is not None and resumed.action == "resume"
+
+
+def test_a_beat_publishes_the_mean_compute_time_of_the_steps_since_the_last_one(
+    tmp_path: Path,
+) -> None:
+    daemon = DaemonChannel(tmp_path)
+    clock = _Clock()
+    worker = WorkerChannel(str(tmp_path), local_rank=0, monotonic=clock, min_interval_seconds=0.5)
+    worker.beat(1, compute_seconds=0.1)
+    assert daemon.heartbeats()[0].compute_seconds == pytest.approx(0.1)
+    for step, seconds in ((2, 0.2), (3, 0.4)):  # rate-limited: kept for the next beat
+        clock.now += 0.1
+        worker.beat(step, compute_seconds=seconds)
+    clock.now += 0.5
+    worker.beat(4, compute_seconds=0.6)
+    assert daemon.heartbeats()[0].compute_seconds == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+    worker.beat(4, "save")  # no step since: no compute time
+    assert daemon.heartbeats()[0].compute_seconds is None

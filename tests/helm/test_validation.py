@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from daemon.config import DaemonConfig, NodesConfig, WatchdogConfig, WorkerConfig
+from daemon.stragglers import StragglersConfig
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.config import yaml_key
 from elastic.rendezvous import EtcdConfig
@@ -40,6 +41,7 @@ CHART_OWNED = {
     "checkpoint": {"url"},
     "watchdog": set(),
     "worker": set(),
+    "stragglers": set(),
 }
 SECTION_CLASSES: dict[str, type] = {
     "nodes": NodesConfig,
@@ -47,6 +49,7 @@ SECTION_CLASSES: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "watchdog": WatchdogConfig,
     "worker": WorkerConfig,
+    "stragglers": StragglersConfig,
 }
 
 

@@ -34,6 +34,13 @@ EXPECTED_NAMES = {
     "elasticd_train_step_duration_seconds",
     "elasticd_train_last_step_timestamp_seconds",
     "elasticd_eval_loss",
+    "elasticd_node_step_seconds",
+    "elasticd_node_tokens_per_second",
+    "elasticd_worker_heartbeat_age_seconds",
+    "elasticd_node_step_compute_seconds",
+    "elasticd_node_straggler_ratio",
+    "elasticd_node_straggler",
+    "elasticd_node_straggler_events_total",
     "elasticd_checkpoint_save_duration_seconds",
     "elasticd_checkpoint_load_duration_seconds",
     "elasticd_checkpoint_saved_bytes_total",
@@ -44,6 +51,10 @@ EXPECTED_NAMES = {
     "elasticd_guard_skipped_steps_total",
     "elasticd_guard_rewinds_total",
     "elasticd_guard_state",
+    "elasticd_goodput_ratio",
+    "elasticd_goodput_productive_seconds",
+    "elasticd_goodput_wall_seconds",
+    "elasticd_badput_seconds_total",
 }
 
 
@@ -88,8 +99,7 @@ def test_closed_label_values_are_the_documented_ones(catalog: mc.Catalog) -> Non
         "node_lost",
         "scale",
         "drain",
-        "rewind",
-    )
+    )  # no "rewind": a rewind restarts no worker (elasticd_guard_rewinds_total counts them)
     assert values("elasticd_guard_divergence_events_total", "kind") == (
         "nan",
         "loss_spike",
@@ -97,6 +107,17 @@ def test_closed_label_values_are_the_documented_ones(catalog: mc.Catalog) -> Non
         "sustained",
     )
     assert values("elasticd_eval_loss", "source") is None
+    assert values("elasticd_badput_seconds_total", "kind") == (
+        "startup",
+        "rendezvous",
+        "checkpoint_load",
+        "recompute",
+        "checkpoint_blocking",
+        "hang_timeout",
+        "paused",
+        "degraded",
+        "other",
+    )
 
 
 def test_types_follow_the_names(catalog: mc.Catalog) -> None:

@@ -39,6 +39,8 @@ REQUIRED_PANELS = {
     "Guard state": {"elasticd_guard_state"},
     "Daemon state": {"elasticd_daemon_state"},
     "etcd up": {"elasticd_etcd_up"},
+    "Step compute time by node": {"elasticd_node_step_compute_seconds"},
+    "Straggler ratio by node": {"elasticd_node_straggler_ratio", "elasticd_node_straggler"},
 }
 
 

@@ -34,6 +34,7 @@ EXPECTED_ALERTS = {
     "ElasticdCrashLoop",
     "ElasticdBelowMinNodes",
     "ElasticdEtcdUnreachable",
+    "ElasticdStragglerNode",
 }
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(

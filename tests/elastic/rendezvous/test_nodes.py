@@ -5,8 +5,17 @@ from __future__ import annotations
 import threading
 import time
 
-from elastic.rendezvous import InMemoryEtcd, NodeEvent, NodeLease, NodeWatch, connect
-from tests.elastic.rendezvous.conftest import etcd_config
+import pytest
+
+from elastic.rendezvous import (
+    InMemoryEtcd,
+    NodeEvent,
+    NodeIdTaken,
+    NodeLease,
+    NodeWatch,
+    connect,
+)
+from tests.elastic.rendezvous.conftest import KvFactory, etcd_config
 from tests.support.etcd import EtcdFactory
 
 WAIT_SECONDS = 10.0
@@ -55,6 +64,45 @@ def test_an_expired_lease_is_recreated_and_reported(run_id: str) -> None:
         assert lease.expired_count == 1
     finally:
         lease.revoke()
+
+
+def test_a_node_id_held_by_a_live_lease_is_refused(kv_factory: KvFactory, run_id: str) -> None:
+    kv = kv_factory()
+    first = NodeLease(kv, run_id=run_id, ttl_seconds=5)
+    first.register("node-a", {"state": "running"})
+    second = NodeLease(kv_factory(), run_id=run_id, ttl_seconds=5)
+    try:
+        with pytest.raises(NodeIdTaken, match=r"'node-a'.*state running"):
+            second.register("node-a", {"state": "starting"})
+        stored = kv.get(first.key)
+        assert stored is not None and stored.lease_id == first.lease_id  # not overwritten
+        assert stored.value == b'{"state":"running"}'
+        first.revoke()
+        second.register("node-a", {"state": "starting"})  # free again once the holder left
+        stored = kv.get(second.key)
+        assert stored is not None and stored.lease_id == second.lease_id
+    finally:
+        first.revoke()
+        second.revoke()
+
+
+def test_a_lease_that_lost_its_id_meanwhile_stops_instead_of_fighting(run_id: str) -> None:
+    memory = InMemoryEtcd()
+    kv = memory.client()
+    lost = threading.Event()
+    first = NodeLease(kv, run_id=run_id, ttl_seconds=1, on_expired=lost.set)
+    first.register("node-a", {"who": "first"})
+    memory.revoke_all_leases()  # first's lease expired (a partition longer than the TTL)...
+    second = NodeLease(kv, run_id=run_id, ttl_seconds=5)
+    second.register("node-a", {"who": "second"})  # ...and a new daemon took the id
+    try:
+        assert lost.wait(WAIT_SECONDS)
+        assert first.taken
+        stored = kv.get(second.key)
+        assert stored is not None and stored.value == b'{"who":"second"}'
+    finally:
+        second.revoke()
+        first.revoke()
 
 
 def test_watch_reports_joins_and_leaves_after_the_initial_listing(run_id: str) -> None:
