@@ -26,21 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from daemon import identity, lifecycle
+from daemon.accounts import GoodputAccount, StragglerAccount
 from daemon.config import DaemonConfig, resolved_path, write_resolved
 from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir
-from daemon.goodput import (
-    Badput,
-    Ledger,
-    activity_of_phases,
-    activity_of_state,
-    process_age_seconds,
-)
+from daemon.goodput import process_age_seconds
 from daemon.group import Group, GroupUnavailable
 from daemon.http import StatusServer
 from daemon.lifecycle import State
 from daemon.metrics import NodeMetrics
+from daemon.netif import socket_ifname_env
 from daemon.policy import Decision, Kind, Observation, Reason, RestartBudget, decide
-from daemon.stragglers import STATUS_KEY, StragglerWatch, peer_values
+from daemon.stragglers import STATUS_KEY
 from daemon.workers import (
     LOG_TAIL_LINES,
     RoundAssignment,
@@ -63,13 +59,6 @@ from elastic.protocol import (
     Phase,
 )
 from elastic.rendezvous import NodeIdTaken
-
-# Where the training time since a round's last step went when the round ended this way.
-_LOST_TO = {
-    Reason.HANG: Badput.HANG_TIMEOUT,
-    Reason.CRASH: Badput.RECOMPUTE,
-    Reason.NODE_LOST: Badput.RECOMPUTE,
-}
 
 # Worker events that also go to the run's event log in etcd (elasticctl events).
 _EVENT_LOG = frozenset(
@@ -106,11 +95,16 @@ class Supervisor:
         self.last_step = 0
         self.detail = ""
         self.last_failure: dict[str, Any] | None = None  # the newest failed worker's report
-        self.stragglers = StragglerWatch(config.stragglers)
+        self.stragglers = StragglerAccount(
+            config.stragglers, node=self.node, metrics=self.metrics, log=self.log
+        )
         self.drain_reason = "SIGTERM"  # why this node drains ("straggler": it drains itself)
         # Wall time counts from the process's start: imports are start-up time too.
-        self.goodput = Ledger(
-            started_seconds=time.monotonic() - process_age_seconds(), max_nodes=config.nodes.max
+        self.goodput = GoodputAccount(
+            started_seconds=time.monotonic() - process_age_seconds(),
+            max_nodes=config.nodes.max,
+            metrics=self.metrics,
+            log=self.log,
         )
         self.fingerprint = identity.fingerprint(to_dict(config))  # defaults filled in
         # (control seq, step) of an operator's restart of a diverged run, until it trains.
@@ -127,7 +121,7 @@ class Supervisor:
             return
         self.metrics.set_state(self.state.value)
         self.log.info("state", state=self.state.value, previous=previous.value, **fields)
-        self._account_state(fields.get("nodes"))
+        self.goodput.state(self.state, nodes=fields.get("nodes"))
         if self.group is not None:
             self.group.event(
                 {"event": "state", "state": self.state.value, "previous": previous.value, **fields}
@@ -141,7 +135,7 @@ class Supervisor:
             "last_step": self.last_step,
             "restarts": self.restart_count,
             "detail": self.detail,
-            "goodput": self.goodput.summary(time.monotonic()).to_json(),
+            "goodput": self.goodput.summary_json(),
             identity.FINGERPRINT_KEY: self.fingerprint,
         }
         if self.last_failure is not None:
@@ -149,34 +143,6 @@ class Supervisor:
         if self.stragglers.compute_seconds is not None:
             status[STATUS_KEY] = round(self.stragglers.compute_seconds, 6)
         return status
-
-    def _account_state(self, nodes: int | None) -> None:
-        """The goodput ledger follows the lifecycle; a terminal state stops its wall clock."""
-        now = time.monotonic()
-        if self.state in lifecycle.TERMINAL:
-            self.goodput.stop(now)
-        elif self.state is State.RUNNING:
-            self.goodput.start_round(now, nodes=nodes or self.config.nodes.max)
-        else:
-            self.goodput.observe(now, activity_of_state(self.state))
-        self._export_goodput(log=self.state in lifecycle.TERMINAL)
-
-    def _account_tick(self, beats: Mapping[int, Heartbeat], step: int, num_nodes: int) -> None:
-        phases = {beat.phase for beat in beats.values()}
-        self.goodput.observe(
-            time.monotonic(), activity_of_phases(phases), step=step, nodes=num_nodes
-        )
-        self._export_goodput()
-
-    def _export_goodput(self, *, log: bool = False) -> None:
-        summary = self.goodput.summary(time.monotonic())
-        self.metrics.set_goodput(
-            wall_seconds=summary.wall_seconds,
-            productive_seconds=summary.productive_seconds,
-            badput_seconds={kind.value: s for kind, s in summary.badput_seconds.items()},
-        )
-        if log:  # elasticctl report reads the newest of these lines
-            self.log.info("goodput", **summary.to_json())
 
     def _publish_status(self) -> None:
         if self.group is not None:
@@ -345,7 +311,11 @@ class Supervisor:
         return workers
 
     def _worker_extra_env(self) -> dict[str, str]:
-        env = dict(self.config.worker.env)
+        """``worker.env``, the interface of ``nodes.address`` for gloo/NCCL (unless the job
+        sets one), and an operator's restart step for the round after ``diverged``."""
+        job_env = self.config.worker.env
+        env = socket_ifname_env(self.config.nodes.address, {**self.environ, **job_env})
+        env.update(job_env)
         if self.restart_request is not None:
             env[Env.RESTORE_STEP] = str(self.restart_request[1])
         return env
@@ -382,7 +352,7 @@ class Supervisor:
             beats = channel.heartbeats()
             self._watch_stragglers(beats, assignment)
             progress.update(beats, now)
-            self._account_tick(beats, progress.step, assignment.num_nodes)
+            self.goodput.tick(beats, step=progress.step, nodes=assignment.num_nodes)
             if progress.training(now, blind_after_seconds=wd.timeout_seconds) and not pool_filled:
                 self.pool.fill()  # training runs: warm the next round's workers now
                 pool_filled = True
@@ -415,9 +385,7 @@ class Supervisor:
             )
             decision = decide(obs)
             if decision.kind is not Kind.CONTINUE:
-                lost_to = _LOST_TO.get(decision.reason) if decision.reason else None
-                self.goodput.end_round(time.monotonic(), lost_to=lost_to)
-                self._export_goodput(log=True)
+                self.goodput.round_end(decision.reason)
                 return decision
             if draining and time.monotonic() > drain_deadline:
                 return Decision(Kind.DRAINED, Reason.DRAIN, detail="drain timeout")
@@ -428,42 +396,17 @@ class Supervisor:
     def _watch_stragglers(
         self, beats: Mapping[int, Heartbeat], assignment: RoundAssignment
     ) -> None:
-        """Score this node's step compute time against the other nodes' of the round
-        (daemon/stragglers.py); a change is an event, and with ``stragglers.drain`` a new
-        straggler leaves as on SIGTERM (checkpoint at the next step boundary)."""
+        """A change of this node's straggler verdict goes to the run's event log; with
+        ``stragglers.drain`` a new straggler leaves as on SIGTERM (checkpoint first)."""
         assert self.group is not None
-        if not self.config.stragglers.enabled:
-            return
-        round_id = assignment.round_id
-        others = peer_values(self.group.watch.list_nodes(), node=self.node, round_id=round_id)
-        verdict = self.stragglers.update(
-            beats, others=others, round_id=round_id, now=time.monotonic()
+        record = self.stragglers.update(
+            beats,
+            members=self.group.watch.list_nodes(),
+            round_id=assignment.round_id,
+            last_step=self.last_step,
         )
-        s = verdict.score
-        self.metrics.set_straggler(
-            compute_seconds=self.stragglers.compute_seconds,
-            ratio=s.ratio if s is not None else None,
-            straggler=verdict.straggler,
-            became=verdict.changed and verdict.straggler,
-        )
-        if not verdict.changed:
+        if record is None:
             return
-        record: dict[str, Any] = {
-            "straggler": verdict.straggler,
-            "round": round_id,
-            "last_step": self.last_step,
-            "slow_seconds": round(verdict.slow_seconds, 3),
-            "drain": verdict.straggler and self.config.stragglers.drain,
-        }
-        if s is not None:
-            record.update(
-                compute_seconds=round(s.own_seconds, 6),
-                reference_seconds=round(s.reference_seconds, 6),
-                ratio=round(s.ratio, 3),
-                robust_z=None if s.robust_z is None else round(s.robust_z, 2),
-                nodes=s.num_nodes,
-            )
-        (self.log.warning if verdict.straggler else self.log.info)("straggler", **record)
         self.group.event({"event": "straggler", **record})
         if record["drain"]:
             self.drain_reason = "straggler"

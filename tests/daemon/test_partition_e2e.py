@@ -28,7 +28,7 @@ import pytest
 
 from daemon.policy import Kind, Observation, Reason, decide
 from tests.support.daemons import Daemon, daemons, start_daemon, tiny_job, wait_world_size
-from tests.support.netns import IFNAME, NetnsEtcd, TestNet, testnet
+from tests.support.netns import NetnsEtcd, TestNet, testnet
 from tests.support.procs import wait_for
 
 __all__ = ["testnet"]
@@ -69,9 +69,8 @@ class Bed:
                 self.doc,
                 name=name,
                 log_dir=self.tmp,
-                # gloo binds the interface holding the node's address (the host name resolves
-                # to loopback here, as on many machines).
-                env={"GLOO_SOCKET_IFNAME": IFNAME},
+                # No GLOO_SOCKET_IFNAME: the host name resolves to loopback here (as on many
+                # machines); the daemon points gloo at the interface of nodes.address itself.
                 sets=(f"nodes.address={host.address}",),
                 prefix=tuple(host.wrap([])),
             )
