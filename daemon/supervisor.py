@@ -200,12 +200,28 @@ class Supervisor:
                 self.transition(State.DRAINING, reason="signal before a round")
                 self.transition(State.STOPPED)
                 return ExitCode.OK
+            code = self._identity_lost()
+            if code is not None:
+                return code
             assignment = self._join()
             if assignment is None:
                 continue
             code = self._run_round(assignment)
             if code is not None:
                 return code
+
+    def _identity_lost(self) -> int | None:
+        """Exit 2 when this node's id was taken by another daemon while its lease had expired
+        (the keep-alive stopped rather than fight): two daemons must never share an id."""
+        assert self.group is not None
+        if not self.group.lease.taken:
+            return None
+        self.detail = (
+            f"node id {self.node!r} was taken by another daemon while this node's lease had expired"
+        )
+        self.transition(State.FAILED, reason=self.detail)
+        print(f"elasticd: refused: {self.detail}", file=sys.stderr)
+        return ExitCode.CONFIG
 
     def _start_http(self) -> None:
         m = self.config.metrics

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from daemon.config import DaemonConfig
+from daemon.lifecycle import State
 from daemon.supervisor import Supervisor, _Progress
 from daemon.workers import WorkerExit, failure_report
-from elastic.protocol import Heartbeat, Phase
+from elastic.protocol import ExitCode, Heartbeat, Phase
 
 
 def supervisor() -> Supervisor:
@@ -73,3 +78,22 @@ def test_progress_derives_the_nodes_step_time_and_throughput_share_from_beats() 
     beats = {0: beat(0, 14, 202.1), 1: beat(1, 14, 201.0)}
     assert _Progress.oldest_beat_age(beats, 203.0) == 2.0
     assert _Progress.oldest_beat_age({}, 203.0) == 0.0
+
+
+def test_a_node_whose_id_was_taken_while_its_lease_expired_leaves_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sup = supervisor()
+    lease = SimpleNamespace(taken=False)
+    sup.group = SimpleNamespace(lease=lease, event=lambda record: None)  # type: ignore[assignment]
+    sup.group.publish_node_status = lambda status: None  # type: ignore[attr-defined]
+    sup.transition(State.JOINING)
+    assert sup._identity_lost() is None
+    lease.taken = True
+    assert sup._identity_lost() == ExitCode.CONFIG
+    assert sup.state is State.FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "elasticd: refused: node id 'node-a' was taken by another daemon while this node's "
+        "lease had expired"
+    ]
