@@ -136,6 +136,8 @@ class Group:
         self._consumed_rewind_seq = 0
         self._joined_at_poll = 0
         self._lease_info: dict[str, Any] = {}
+        self._run_marked = False  # mark_run() set the run's state: status publishes leave it
+        self._run_status_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="group-poll", daemon=True)
 
@@ -340,6 +342,8 @@ class Group:
                 return None
             self._consumed_rewind_seq = max(self._consumed_rewind_seq, request[0])
             self.flags.rewind_to = None
+        with self._run_status_lock:
+            self._run_marked = False  # training again: rank 0 reports the run's state
         return request
 
     def clear_restart(self, seq: int) -> None:
@@ -365,8 +369,12 @@ class Group:
             is_rank0 = self._group_rank == 0
         info.update(self._rdzv())
         self._quietly(lambda: self.lease.update(info))
+        # After mark_run() ("done", "diverged", "failed") that is the run's state: a later
+        # periodic publish of this node's status must not overwrite it.
         if is_rank0:
-            self._quietly(lambda: self.store.put_status(self._run_status(status)))
+            with self._run_status_lock:
+                if not self._run_marked:
+                    self._quietly(lambda: self.store.put_status(self._run_status(status)))
 
     def _run_status(self, status: dict[str, Any]) -> dict[str, Any]:
         members = self.watch.list_nodes()
@@ -390,7 +398,9 @@ class Group:
             current = self.store.get_status() or {}
             self.store.put_status({**current, "state": state, "reported_by": self.node})
 
-        self._quietly(put)
+        with self._run_status_lock:
+            self._run_marked = True
+            self._quietly(put)
 
     # ----------------------------------------------------------------- background
     def _on_lease_expired(self) -> None:
