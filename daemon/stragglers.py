@@ -38,10 +38,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from elastic.config import check
+from elastic.guard.detector import MAD_TO_SIGMA
 from elastic.protocol import Heartbeat
 
 STATUS_KEY = "step_compute_seconds"  # the node's value in its published status
-MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,10 @@ class Supervisor:
         self.fingerprint = identity.fingerprint(to_dict(config))  # defaults filled in
         # (control seq, step) of an operator's restart of a diverged run, until it trains.
         self.restart_request: tuple[int, int] | None = None
+        # Once: nodes.address does not change while the daemon runs.
+        self._ifname_env = socket_ifname_env(
+            config.nodes.address, {**self.environ, **config.worker.env}
+        )
         self._etcd: EmbeddedEtcd | None = None
         self._http: StatusServer | None = None
         self.group: Group | None = None
@@ -329,9 +333,7 @@ class Supervisor:
     def _worker_extra_env(self) -> dict[str, str]:
         """``worker.env``, the interface of ``nodes.address`` for gloo/NCCL (unless the job
         sets one), and an operator's restart step for the round after ``diverged``."""
-        job_env = self.config.worker.env
-        env = socket_ifname_env(self.config.nodes.address, {**self.environ, **job_env})
-        env.update(job_env)
+        env = {**self._ifname_env, **self.config.worker.env}
         if self.restart_request is not None:
             env[Env.RESTORE_STEP] = str(self.restart_request[1])
         return env
@@ -348,8 +350,7 @@ class Supervisor:
     ) -> Decision:
         assert self.group is not None
         wd = self.config.watchdog
-        progress = _Progress(time.time())
-        progress.world_size = assignment.world_size
+        progress = _Progress(time.time(), world_size=assignment.world_size)
         self.metrics.set_hosts_rank0(assignment.group_rank == 0)
         draining = regroup = pool_filled = False
         while True:
@@ -552,7 +553,7 @@ class _Progress:
     """Step progress of this node's workers from their heartbeats (none from a loop without
     the worker API: then ``heartbeats_seen`` stays False and the step stays 0)."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, *, world_size: int = 0) -> None:
         self._started = now
         self.last_change = now
         self.step = 0
@@ -561,7 +562,7 @@ class _Progress:
         self.paused = False
         self._seen: dict[int, tuple[int, Phase]] = {}
         self.step_seconds = 0.0  # wall time per step between the newest beats, 0 unknown
-        self.world_size = 0
+        self.world_size = world_size  # of the round: this node's share of its throughput
         self._step_tokens: float | None = None  # the group's tokens of the newest step
         self._newest: tuple[int, float] | None = None  # (step, time_unix) of the newest beat
 

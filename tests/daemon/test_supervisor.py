@@ -62,8 +62,7 @@ def test_progress_with_heartbeats_trains_once_a_step_is_done_and_pauses_on_phase
 
 
 def test_progress_derives_the_nodes_step_time_and_throughput_share_from_beats() -> None:
-    progress = _Progress(100.0)
-    progress.world_size = 4  # 2 nodes x 2 ranks
+    progress = _Progress(100.0, world_size=4)  # 2 nodes x 2 ranks
     assert progress.tokens_per_second(2) == 0.0  # nothing known yet
 
     def beat(rank: int, step: int, at: float) -> Heartbeat:
