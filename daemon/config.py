@@ -12,6 +12,7 @@ the run directory for the workers.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -43,6 +44,11 @@ _PYTHON_NAMES = frozenset({"{python}", "python", "python3"})
 _PYTHON_FLAGS_WITH_ARG = frozenset({"-X", "-W"})
 
 
+# A round record lists every participant in one etcd value: with names of ~20 characters
+# 65,536 fit under etcd's default 1.5 MiB request limit (the chart checks its own etcd).
+MAX_NODES = 65536
+
+
 @dataclass(frozen=True)
 class NodesConfig:
     """YAML section ``nodes``: the elastic range of the group and how rounds form."""
@@ -52,28 +58,16 @@ class NodesConfig:
     address: str = ""  # how other nodes reach this one (default: the host's FQDN)
     last_call_seconds: float = 3.0  # after min nodes joined, wait this long for more (up to max)
     join_timeout_seconds: float = 60.0  # a round not formed by then -> state waiting, retry
-    keep_alive_seconds: float = 1.0  # rendezvous heartbeat; a node missing
-    keep_alive_max_missed: int = 3  # this many heartbeats is dropped from the next round
-    # While a round forms, re-read its state this often (torch's own wait is 1 s; every wait
-    # adds to the training pause of a resize or restart). One small etcd read per node.
-    poll_seconds: float = 0.1
+    # Liveness is the node lease (etcd.ttl_seconds); rounds are watched, not polled: the
+    # rendezvous heartbeat and poll keys of torch's algorithm are gone (docs/rendezvous.md).
 
     def __post_init__(self) -> None:
         check(self.min >= 1, "min", self.min, "must be >= 1")
         check(self.max >= self.min, "max", self.max, f"must be >= nodes.min ({self.min})")
-        for key in (
-            "last_call_seconds",
-            "join_timeout_seconds",
-            "keep_alive_seconds",
-            "poll_seconds",
-        ):
-            check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
-        check(
-            self.keep_alive_max_missed >= 1,
-            "keep_alive_max_missed",
-            self.keep_alive_max_missed,
-            "must be >= 1",
-        )
+        check(self.max <= MAX_NODES, "max", self.max, f"must be <= {MAX_NODES}")
+        for key in ("last_call_seconds", "join_timeout_seconds"):
+            value = getattr(self, key)
+            check(0 < value < math.inf, key, value, "must be > 0 and finite")
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,7 @@ class Supervisor:
         assert self.group is not None
         record = self.stragglers.update(
             beats,
-            members=self.group.watch.list_nodes(),
+            members=self.group.members(),
             round_id=assignment.round_id,
             last_step=self.last_step,
         )

@@ -177,10 +177,12 @@ def _store(args: argparse.Namespace) -> RunStore:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _store(args).get_status()
+    store = _store(args)
+    status = store.get_status()
     if status is None:
         print(f"elasticctl: no status for run {args.target.run_id!r}", file=sys.stderr)
         return EXIT_FAILED
+    status["members"] = _members(status, store.members())
     per_node_goodput = goodput.member_ledgers(status.get("members") or {})
     if per_node_goodput:
         status["goodput"] = goodput.combine(per_node_goodput.values())
@@ -218,6 +220,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         print("\n".join(goodput.lines(per_node_goodput)))
     return EXIT_OK
+
+
+def _members(status: Mapping[str, Any], records: Mapping[str, Any]) -> dict[str, Any]:
+    """Live nodes' records with their round and group rank (ranks follow the order of the
+    round's ``nodes``; a node outside the round has neither)."""
+    ranks = {name: rank for rank, name in enumerate(status.get("nodes") or [])}
+    return {
+        node: {
+            **info,
+            "round": status.get("round") if node in ranks else None,
+            "group_rank": ranks.get(node),
+        }
+        for node, info in records.items()
+    }
 
 
 def failure_lines(members: Mapping[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from torch.distributed.elastic.rendezvous.api import (
     RendezvousConnectionError,
     RendezvousError,
     RendezvousStateError,
+    RendezvousTimeoutError,
 )
 
 
@@ -70,3 +71,9 @@ class NodeIdTaken(EtcdRendezvousError):
             "give every node its own --node-id, or stop the other one first"
         )
         self.node_id = node_id
+
+
+class RoundTimeout(EtcdRendezvousError, RendezvousTimeoutError):
+    """No round with this node in it formed within the join timeout; retrying later may work."""
+
+    temporary: ClassVar[bool] = True

@@ -16,7 +16,6 @@ reports the difference, so no arrival or departure is lost.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import queue
 import threading
@@ -27,6 +26,7 @@ from elastic import jsonlog
 from elastic.rendezvous.errors import EtcdRendezvousError, EtcdStateError, NodeIdTaken
 from elastic.rendezvous.keys import RunKeys
 from elastic.rendezvous.kv import KeyValue, KeyValueClient, Put, WatchEvent
+from elastic.rendezvous.records import decode_node, encode_node
 from elastic.rendezvous.watching import PrefixWatch
 
 log = jsonlog.get("elastic.rendezvous.nodes")
@@ -35,17 +35,11 @@ DEFAULT_KEY_PREFIX = "/elasticd"
 
 
 def _encode(info: Mapping[str, Any]) -> bytes:
-    return json.dumps(dict(info), sort_keys=True, separators=(",", ":")).encode()
+    return encode_node(info)
 
 
 def _decode(key: str, value: bytes) -> dict[str, Any]:
-    try:
-        info = json.loads(value)
-    except ValueError as exc:
-        raise EtcdStateError(f"node key {key} does not hold JSON") from exc
-    if not isinstance(info, dict):
-        raise EtcdStateError(f"node key {key} holds {type(info).__name__}, not an object")
-    return info
+    return decode_node(key, value)
 
 
 class NodeLease:
@@ -59,12 +53,14 @@ class NodeLease:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl_seconds: float = 10.0,
         on_expired: Callable[[], None] | None = None,
+        on_health: Callable[[bool], None] | None = None,
         retry_seconds: float = 0.5,
     ) -> None:
         self._kv = kv
         self._keys = RunKeys(key_prefix, run_id)
         self._ttl = max(1, math.ceil(ttl_seconds))
         self._on_expired = on_expired
+        self._on_health = on_health or (lambda up: None)
         self._retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -106,6 +102,8 @@ class NodeLease:
         with self._lock:
             self._info = dict(info)
             lease_id = self._lease_id
+        if lease_id is None:
+            return  # revoked (left): a key without a lease would outlive this node
         self._kv.put(self.key, _encode(self._info), lease_id=lease_id)
 
     def _assert(self) -> None:
@@ -133,6 +131,7 @@ class NodeLease:
             try:
                 if not needs_assert and self._kv.refresh_lease(self._lease_id or 0) > 0:
                     interval = self._ttl / 3
+                    self._on_health(True)
                     continue
                 if not needs_assert:
                     needs_assert = True
@@ -151,10 +150,12 @@ class NodeLease:
                     return
                 needs_assert = False
                 interval = self._ttl / 3
+                self._on_health(True)
                 self._notify_expired()
             # etcd unreachable: retry soon; the lease may still be alive on the server.
             except EtcdRendezvousError as exc:
                 log.warning("node_lease_keepalive_failed", node=self._node_id, error=str(exc))
+                self._on_health(False)
                 interval = min(self._retry_seconds, self._ttl / 3)
 
     def _notify_expired(self) -> None:

@@ -20,11 +20,11 @@ that bumps ``event_seq``, writes ``events/<seq>`` and deletes everything older t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from elastic.rendezvous import records
 from elastic.rendezvous.errors import EtcdRequestError, EtcdStateError
 from elastic.rendezvous.keys import RunKeys
 from elastic.rendezvous.kv import DeleteRange, KeyValue, KeyValueClient, Op, Put
@@ -36,17 +36,11 @@ _MAX_CAS_ATTEMPTS = 100
 
 
 def _encode(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(dict(value), sort_keys=True, separators=(",", ":")).encode()
+    return records.encode(value)
 
 
 def _decode(kv: KeyValue) -> dict[str, Any]:
-    try:
-        value = json.loads(kv.value)
-    except ValueError as exc:
-        raise EtcdStateError(f"{kv.key} does not hold JSON") from exc
-    if not isinstance(value, dict):
-        raise EtcdStateError(f"{kv.key} holds {type(value).__name__}, not a JSON object")
-    return value
+    return records.load(kv.key, kv.value)
 
 
 def _is_int(value: Any) -> bool:
@@ -107,6 +101,17 @@ class RunStore:
         kv = self._kv.get(self._keys.status)
         return None if kv is None else _decode(kv)
 
+    def members(self) -> dict[str, dict[str, Any]]:
+        """Live nodes' records (``group/nodes/``), one read; unreadable ones are skipped."""
+        kvs, _ = self._kv.get_prefix(self._keys.nodes)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            try:
+                out[kv.key[len(self._keys.nodes) :]] = records.decode_node(kv.key, kv.value)
+            except EtcdStateError:
+                continue
+        return out
+
     # -- control -----------------------------------------------------------------------------
 
     def get_control(self) -> dict[str, Any]:
@@ -150,7 +155,7 @@ class RunStore:
         def events(events: list[Any]) -> None:
             last = [e for e in events if e.key == key][-1:]
             for event in last:
-                on_change({} if event.kind == "delete" else json.loads(event.value))
+                on_change({} if event.kind == "delete" else records.load(key, event.value))
 
         return PrefixWatch(self._kv, key, on_snapshot=snapshot, on_events=events).start()
 

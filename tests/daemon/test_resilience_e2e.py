@@ -130,7 +130,7 @@ def test_a_crash_loop_stops_at_the_budget_marks_the_run_failed_and_keeps_healthz
 
 
 def _member(store: RunStore, node: str) -> dict[str, Any]:
-    member = ((store.get_status() or {}).get("members") or {}).get(node)
+    member = store.members().get(node)
     return member if isinstance(member, dict) else {}
 
 

@@ -25,6 +25,9 @@ from tests.support.etcd import EtcdServer
 pytestmark = pytest.mark.slow
 
 
+STEPS_GROW = 500
+
+
 def completed_once(rows: list[dict[str, Any]]) -> list[int]:
     """Step numbers in completion order (a repeat or a gap shows up here)."""
     return [int(r["step"]) for r in rows]
@@ -47,7 +50,8 @@ def test_a_third_node_joins_at_a_step_boundary_without_a_gap_or_a_repeat(
         endpoint=etcd_server.endpoint,
         run_id="grow",
         nodes={"min": 2, "max": 3},
-        train={"steps": 200},
+        # Long enough that c (started at step 15, seconds of start-up) joins before the end.
+        train={"steps": STEPS_GROW},
     )
     with daemons() as group:
         group += [start_daemon(doc, name=n, log_dir=tmp_path) for n in ("a", "b")]
@@ -57,10 +61,10 @@ def test_a_third_node_joins_at_a_step_boundary_without_a_gap_or_a_repeat(
         for d in group:
             assert d.wait(timeout_seconds=300) == 0
     rows = merged_steps(*group)
-    assert completed_once(rows) == list(range(1, 201))
+    assert completed_once(rows) == list(range(1, STEPS_GROW + 1))
     sizes = [r["world_size"] for r in rows]
     assert sizes[0] == 2 and sizes[-1] == 3
-    expected = reference_sample_ids(demo_corpus, range(1, 201))
+    expected = reference_sample_ids(demo_corpus, range(1, STEPS_GROW + 1))
     assert {r["step"]: r["sample_ids"] for r in rows} == expected
     assert all(r["reason"] == "scale" for d in group for r in d.events("restart"))
 

@@ -217,21 +217,47 @@ def test_inconsistent_values_are_refused_with_a_message(sets: list[str], message
     assert message in str(excinfo.value)
 
 
-def test_the_bundled_etcd_must_hold_the_rendezvous_history_between_compactions() -> None:
-    # 2 x 5 min x 85 B x 256^2 nodes / 1 s keep-alive = 3.34 GB, over the 2 GiB quota.
-    with pytest.raises(RenderError, match="execution error") as too_many:
-        render(sets=["nodes.max=256"])
-    assert "nodes.max=256: the bundled etcd's history would peak near 3.34 GB" in str(
-        too_many.value
-    )
-    render(sets=["nodes.max=256", "config.nodes.keep_alive_seconds=2"])  # half the writes
-    render(sets=["nodes.max=256", "etcd.mode=external", "etcd.external.endpoints={http://e:2379}"])
-    with pytest.raises(RenderError) as hourly:  # the old default retention
-        render(sets=["nodes.max=64"], set_json=['etcd.bundled.autoCompactionRetention="1h"'])
-    assert "nodes.max=64: the bundled etcd's history would peak near 2.51 GB" in str(hourly.value)
+def test_the_bundled_etcd_must_hold_a_round_per_request_and_a_burst_of_rounds() -> None:
+    # Defaults (5m retention, 2 GiB quota) at 2,048 nodes: (300 + 300) s / 5 s = 120 rounds x
+    # 2,048 x 768 B = 0.19 GB of history before compaction; the round record 133 KiB.
+    render(sets=["nodes.max=2048", "replicas=2048"])
+    with pytest.raises(RenderError, match="execution error") as quota:  # 128 MiB < 0.19 GB
+        render(sets=["nodes.max=2048", "etcd.bundled.quotaBackendBytes=134217728"])
+    assert (
+        "nodes.max=2048 with etcd.bundled.autoCompactionRetention=5m: a burst of rounds (one per"
+        " 5 s) until compaction would write about 0.19 GB ((retention + min(retention, 1h)) / 5 s"
+        " x nodes.max x 768 B), over etcd.bundled.quotaBackendBytes=134217728"
+    ) in str(quota.value)
+    with pytest.raises(RenderError) as hourly:  # (3600 + 3600) / 5 x 4,096 x 768 B = 4.53 GB
+        render(sets=["nodes.max=4096"], set_json=['etcd.bundled.autoCompactionRetention="1h"'])
+    assert "nodes.max=4096 with etcd.bundled.autoCompactionRetention=1h" in str(hourly.value)
+    assert "would write about 4.53 GB" in str(hourly.value)
+    # One close transaction lists every pod name (<= 63 characters + 3) under etcd's 1.5 MiB.
+    big_quota = "etcd.bundled.quotaBackendBytes=8589934592"
+    render(sets=["nodes.max=23815", big_quota])
+    with pytest.raises(RenderError) as record:
+        render(sets=["nodes.max=23816", big_quota])
+    assert (
+        "nodes.max=23816: the closed round record (nodes.max x 66 B + 1 KiB = 1572880 B) would"
+        " exceed the bundled etcd's --max-request-bytes=1572864; at most 23815 nodes"
+    ) in str(record.value)
+    external = ["etcd.mode=external", "etcd.external.endpoints={http://e:2379}"]
+    render(sets=["nodes.max=65536", *external])  # an external etcd is the operator's to size
     with pytest.raises(RenderError) as never:
         render(set_json=['etcd.bundled.autoCompactionRetention="0"'])
-    assert "autoCompactionRetention=0: 0 turns compaction off" in str(never.value)
+    assert (
+        "etcd.bundled.autoCompactionRetention=0: 0 turns compaction off and every round's writes"
+        " stay until etcd's quota stops all writes"
+    ) in str(never.value)
+
+
+def test_the_schema_refuses_the_removed_nodes_keys_and_more_than_65536_nodes() -> None:
+    for key in ("keep_alive_seconds", "keep_alive_max_missed", "poll_seconds"):
+        with pytest.raises(RenderError, match="don't meet the specifications of the schema"):
+            render(sets=[f"config.nodes.{key}=1"])
+    external = ["etcd.mode=external", "etcd.external.endpoints={http://e:2379}"]
+    with pytest.raises(RenderError, match="don't meet the specifications of the schema"):
+        render(sets=["nodes.max=65537", *external])
 
 
 def test_replicas_zero_parks_the_run_and_the_range_bounds_are_accepted() -> None:

@@ -59,7 +59,7 @@ def _values(tmp_path: Path, demo_corpus: Path) -> Path:
         },
         "checkpoint": {"storage": "pvc", "pvc": {"mountPath": str(tmp_path / "checkpoints")}},
         "config": {
-            "nodes": {"last_call_seconds": 2, "keep_alive_seconds": 1, "keep_alive_max_missed": 3},
+            "nodes": {"last_call_seconds": 2},
             "etcd": {"ttl_seconds": 3},
             "checkpoint": {"interval_steps": 20, "keep_last": 5, "async": False},
             "rewind": {"min_steps_back": 10, "good_after_steps": 5},

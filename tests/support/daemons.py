@@ -33,8 +33,6 @@ def daemon_sections(tmp: Path, *, endpoint: str | None, run_id: str) -> dict[str
         "nodes": {
             "address": "127.0.0.1",
             "last_call_seconds": 2.0,
-            "keep_alive_seconds": 1.0,
-            "keep_alive_max_missed": 3,
         },
         "etcd": {"endpoints": [endpoint] if endpoint else [], "ttl_seconds": 3},
         "watchdog": {"timeout_seconds": 20, "startup_timeout_seconds": 120, "poll_seconds": 0.2},

@@ -182,12 +182,28 @@ the chart owns win; the schema rejects them inside `config`, so nothing is silen
 {{- end -}}
 {{- end -}}
 
-{{/* The bundled etcd must hold the rendezvous history between compactions: every keep-alive
-rewrites the whole state (~85 B x nodes^2 / keep-alive s per second, docs/kubernetes.md "etcd
-sizing"), and the database peaks near twice the retention's worth. */}}
+{{/*
+The bundled etcd must hold the run's rounds (docs/kubernetes.md, "etcd sizing"). Keep-alives
+write nothing (liveness is the node lease) and steady state writes next to nothing, so history
+follows rounds, not time: a round writes N joins + an open and a close record (N + 2 revisions).
+- The closed round record names every participant and goes to etcd in one transaction, which
+  must fit etcd's --max-request-bytes (the chart leaves etcd's default, 1.5 MiB): nodes.max x
+  (63-character pod name + 3) + 1 KiB for the rest of the record and the transaction.
+- Compaction must stay on (retention 0 keeps every round forever).
+- A burst of rounds (a crash loop, a resize storm; bounded as one round per 5 s) must fit the
+  quota until the next compaction: periodic compaction runs every min(retention, 1h) and keeps
+  the retention's history, so up to retention + min(retention, 1h) of rounds, each costing
+  768 B per node (join put, its deletion, its name in the closed record; measured 290 B with the
+  chart's pod names, 643 B with 63-character names and a 53-character run id).
+*/}}
 {{- define "elasticd.validate.etcdHistory" -}}
 {{- $v := .Values -}}
 {{- $e := $v.etcd.bundled -}}
+{{- $maxRequestBytes := 1572864 -}}
+{{- $recordBytes := add (mul ($v.nodes.max | int) 66) 1024 -}}
+{{- if gt $recordBytes $maxRequestBytes -}}
+{{- fail (printf "nodes.max=%v: the closed round record (nodes.max x 66 B + 1 KiB = %d B) would exceed the bundled etcd's --max-request-bytes=%d; at most %d nodes (docs/kubernetes.md, etcd sizing)" $v.nodes.max $recordBytes $maxRequestBytes (div (sub $maxRequestBytes 1024) 66)) -}}
+{{- end -}}
 {{- $r := toString $e.autoCompactionRetention -}}
 {{- $seconds := 0.0 -}}
 {{- if hasSuffix "s" $r -}}
@@ -198,12 +214,11 @@ sizing"), and the database peaks near twice the retention's worth. */}}
 {{- $seconds = mulf (float64 (trimSuffix "h" $r)) 3600 -}}
 {{- end -}}
 {{- if eq $seconds 0.0 -}}
-{{- fail (printf "etcd.bundled.autoCompactionRetention=%s: 0 turns compaction off and the rendezvous history grows until etcd's quota stops all writes" $r) -}}
+{{- fail (printf "etcd.bundled.autoCompactionRetention=%s: 0 turns compaction off and every round's writes stay until etcd's quota stops all writes" $r) -}}
 {{- end -}}
-{{- $keepAlive := float64 ((($v.config | default dict).nodes | default dict).keep_alive_seconds | default 1) -}}
-{{- $nodes := float64 $v.nodes.max -}}
-{{- $peak := divf (mulf 2 $seconds 85 $nodes $nodes) $keepAlive -}}
+{{- $rounds := divf (addf $seconds (minf $seconds 3600)) 5 -}}
+{{- $peak := mulf $rounds 768 (float64 $v.nodes.max) -}}
 {{- if gt $peak (float64 $e.quotaBackendBytes) -}}
-{{- fail (printf "nodes.max=%v: the bundled etcd's history would peak near %.2f GB (2 x etcd.bundled.autoCompactionRetention=%s x 85 B x nodes.max^2 / config.nodes.keep_alive_seconds=%v), over etcd.bundled.quotaBackendBytes=%v; lower the retention, raise keep_alive_seconds or the quota (docs/kubernetes.md, etcd sizing)" $v.nodes.max (divf $peak 1e9) $r $keepAlive ($e.quotaBackendBytes | int64)) -}}
+{{- fail (printf "nodes.max=%v with etcd.bundled.autoCompactionRetention=%s: a burst of rounds (one per 5 s) until compaction would write about %.2f GB ((retention + min(retention, 1h)) / 5 s x nodes.max x 768 B), over etcd.bundled.quotaBackendBytes=%v; shorten the retention or raise the quota (docs/kubernetes.md, etcd sizing)" $v.nodes.max $r (divf $peak 1e9) ($e.quotaBackendBytes | int64)) -}}
 {{- end -}}
 {{- end -}}
