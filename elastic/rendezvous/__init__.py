@@ -4,7 +4,7 @@ Public API (see docs/rendezvous.md for the key layout and the daemon's usage):
 
 - ``EtcdConfig``, ``connect(config) -> EtcdClient``: the etcd adapter (failover, TLS, auth).
 - ``create_handler(config_or_client, run_id=..., min_nodes=..., max_nodes=...)``: torch's
-  ``DynamicRendezvousHandler`` on the etcd backend (``EtcdRendezvousBackend``, ``EtcdStore``).
+  ``RendezvousHandler`` interface on the group's round protocol (``EtcdStore`` per round).
 - ``NodeLease``, ``NodeWatch``, ``NodeEvent``: node liveness and arrival/departure events.
 - ``RunStore``: run status, control requests, bounded event log.
 - ``InMemoryEtcd``: the same ``KeyValueClient`` contract in memory, for unit tests.
@@ -12,7 +12,6 @@ Public API (see docs/rendezvous.md for the key layout and the daemon's usage):
 - torchrun: ``--rdzv-backend etcd3`` via ``elastic.rendezvous.torchrun:handler_factory``.
 """
 
-from elastic.rendezvous.backend import EtcdRendezvousBackend
 from elastic.rendezvous.config import EtcdConfig
 from elastic.rendezvous.errors import (
     EtcdAuthError,
@@ -40,7 +39,6 @@ __all__ = [
     "EtcdConfig",
     "EtcdConnectionError",
     "EtcdLeaseNotFoundError",
-    "EtcdRendezvousBackend",
     "EtcdRendezvousError",
     "EtcdRendezvousHandler",
     "EtcdRequestError",

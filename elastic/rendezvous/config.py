@@ -64,7 +64,7 @@ class EtcdConfig:
     key_prefix: str = "/elasticd"
     # Node lease TTL: a node that stops sending keep-alives is gone after this long.
     ttl_seconds: float = 10.0
-    # Lease TTL of the rendezvous state and store keys: an abandoned run vanishes after this.
+    # Lease TTL of torchrun's per-round store keys and closed marker (abandoned runs expire).
     state_ttl_seconds: float = 7200.0
     # How long one operation keeps retrying (across endpoints) before EtcdUnavailableError.
     connect_timeout_seconds: float = 5.0

@@ -1,6 +1,6 @@
 """Errors of ``elastic.rendezvous``: one root, subclasses of torch's rendezvous errors.
 
-Callers that only know torch (``DynamicRendezvousHandler``, torchrun's agent) catch
+Callers that only know torch (torchrun's agent through ``EtcdRendezvousHandler``) catch
 ``RendezvousConnectionError`` / ``RendezvousStateError``; the daemon reads ``temporary`` to
 decide between retrying and giving up. Messages name the etcd endpoint(s) and the cause.
 """

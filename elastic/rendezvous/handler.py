@@ -1,263 +1,290 @@
-"""``create_handler``: torch's ``DynamicRendezvousHandler`` over the etcd v3 backend and store.
+"""``EtcdRendezvousHandler``: torch elastic's ``RendezvousHandler`` on the group's round protocol.
 
-The algorithm (join, last call, keep-alive heartbeats, dead-node removal, min/max nodes) is
-torch's, unchanged. ``EtcdRendezvousHandler`` only changes which Store a round gets: a fresh
-``EtcdStore`` namespace per round instead of a prefix over one shared store, and rank 0 deletes
-the namespaces of earlier rounds once a round has formed, so nothing stale survives a round.
+torchrun's agent (``--rdzv-backend etcd3``) talks to this class only through torch's interface;
+underneath, a node is the same thing it is for the daemon (``rounds`` module docstring):
 
-The daemon calls ``next_rendezvous()`` once per round, ``num_nodes_waiting()`` to notice
-newcomers, ``leave()`` when it drains out of the group, and ``set_closed()`` / ``shutdown()``
-at the end.
+- a node record ``group/nodes/<name>`` = ``{"state": "active", "addr": ...}`` under its own lease
+  (``NodeLease``; a killed agent disappears one TTL later, a shut-down one at once);
+- one ``GroupView`` (a prefix watch on ``group/``) that every decision reads;
+- a ``RoundJoiner``: ``next_rendezvous()`` is one ``join(after_round=<my last round>)``. The
+  closed round record gives the rank (``participants`` are in rank order), the world size and
+  the bootstrap address (``master_addr``/``master_port``: where the rank-0 node said, in its
+  join record, that its workers' TCPStore would listen). Rounds after the first close as soon
+  as every live active node has joined; the last call only waits for nodes that are not coming.
 
-Round re-formation latency (a live resize or a crash restart pauses training for all of it).
-Two opt-in changes to how *this* node waits inside torch's join operation, the algorithm
-itself unchanged (``poll_seconds`` and ``complete_when`` of ``create_handler``):
+``name`` is ``<addr>_<pid>_<n>`` (characters outside ``[A-Za-z0-9_.-]`` become ``-``): unique per
+handler of a process, so ranks follow from sorted names. ``num_nodes_waiting()`` reads the view
+(no etcd request, however often the agent polls it): 1 when the group's latest round is newer
+than this handler's and is open or formed without it, so the agent re-rendezvous.
 
-- torch re-reads the state once a second while it waits (for the previous round to empty, for
-  the last call to pass); ``poll_seconds`` re-reads it that often instead;
-- torch completes a round at ``max_nodes`` or when the last call expires; ``complete_when``
-  (given the participants' names) lets a participant complete it as soon as every node the
-  caller expects has joined and nobody is on the wait list, instead of waiting out the last
-  call for nodes that are not coming.
+The round's ``store`` is an ``EtcdStore`` under ``store/<round>/``, used by the agent for worker
+rank assignment and its exit barrier; ``use_agent_store`` is False, so workers bootstrap from
+``MASTER_ADDR``/``MASTER_PORT`` as with torch's own backends. Store keys and the run's closed
+marker hang on a ``LeaseKeeper`` lease of ``state_ttl_seconds``: an abandoned run's keys expire.
 
-CPU: torch names every rendezvous event after the method that records it by calling
-``inspect.stack()`` twice (a walk of the whole stack that reads source files), on every pass
-of its join loop, whether or not anyone consumes the events. With 128 participants in one
-process that was most of the round (9-13 s of CPU; 1.6 s without). The handler and its
-executor record the same events under the same names, finding the caller's name from its
-frame instead (``_caller_method``).
+Closing (torch's contract): ``set_closed()`` writes ``<root>closed``; ``shutdown()`` closes the
+run too (as torch's ``DynamicRendezvousHandler``: an agent whose workers finished or failed for
+good ends the run for everyone, and torchrun skips ``shutdown()`` when the agent dies by a
+signal), then withdraws, revokes the node lease and stops its watches. ``leave()`` does the
+latter without closing the run. Every handler watches the marker (a second, one-key watch: it is
+not under ``group/``), so a node waiting in ``next_rendezvous`` gets ``RendezvousClosedError``
+as soon as another node closes the run.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import itertools
 import os
-import sys
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
-from torch.distributed import Store
-from torch.distributed.elastic.events import NodeState, construct_and_record_rdzv_event
-from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousStoreInfo
-from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
-    DynamicRendezvousHandler,
-    RendezvousTimeout,
-    _Action,
-    _BackendRendezvousStateHolder,
-    _DistributedRendezvousOpExecutor,
-    _RendezvousContext,
-    _RendezvousExitOp,
-    _RendezvousJoinOp,
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousStoreInfo,
 )
 
 from elastic import jsonlog
-from elastic.rendezvous.backend import EtcdRendezvousBackend
 from elastic.rendezvous.config import EtcdConfig
 from elastic.rendezvous.errors import EtcdRendezvousError
 from elastic.rendezvous.etcd_client import connect
 from elastic.rendezvous.keys import RunKeys
-from elastic.rendezvous.kv import KeyValueClient
+from elastic.rendezvous.kv import KeyValue, KeyValueClient, WatchEvent
 from elastic.rendezvous.leases import LeaseKeeper
+from elastic.rendezvous.nodes import NodeLease
+from elastic.rendezvous.records import NAME_MAX_CHARS, encode
+from elastic.rendezvous.rounds import JoinSettings, RoundJoiner
 from elastic.rendezvous.store import EtcdStore
+from elastic.rendezvous.view import GroupView, Snapshot
+from elastic.rendezvous.watching import PrefixWatch
 
 log = jsonlog.get("elastic.rendezvous.handler")
-TORCH_POLL_SECONDS = 1.0  # torch's fixed wait between two reads of the state while joining
-# Participants' names (``addr_pid_localid``) -> may this incomplete round complete now?
-CompleteWhen = Callable[[frozenset[str]], bool]
+
+BACKEND_NAME = "etcd3"
+ACTIVE = "active"
+CLOSED_KEY = "closed"  # under the run's root: <key_prefix>/<run_id>/closed
+_ADDR_MAX_CHARS = NAME_MAX_CHARS - 40  # room for _<pid>_<n>
+_NOT_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_local_ids = itertools.count()
 
 
-def _caller_method() -> str:
-    """The name of the method that called ``_record`` (torch: ``inspect.stack()[2]``, twice)."""
-    return sys._getframe(2).f_code.co_name
+def node_name_for(addr: str, pid: int | None = None) -> str:
+    """``<addr>_<pid>_<n>``, a valid node name unique per handler of this process."""
+    safe_addr = _NOT_NAME_CHARS.sub("-", addr)[:_ADDR_MAX_CHARS] or "node"
+    return f"{safe_addr}_{os.getpid() if pid is None else pid}_{next(_local_ids)}"
 
 
-class _Executor(_DistributedRendezvousOpExecutor):
-    """torch's executor, recording its events without ``inspect.stack()``."""
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for this node's workers' TCPStore as rank 0.
 
-    def _record(self, message: str, node_state: NodeState = NodeState.RUNNING) -> None:
-        construct_and_record_rdzv_event(
-            name=f"{type(self).__name__}.{_caller_method()}",
-            run_id=self._settings.run_id,
-            message=message,
-            node_state=node_state,
-            hostname=self._node.addr,
-            pid=self._node.pid,
-            local_id=self._node.local_id,
-        )
-
-
-class _JoinExecutor(_Executor):
-    """torch's executor; only the waits of the join operation are changed (see the module doc).
-
-    While torch's join step would wait (``SYNC``), this one re-reads the state every
-    ``poll_seconds`` itself and returns to torch's loop only with an action to apply, so the
-    actions, their order and the conflict handling stay torch's.
+    The kernel's choice for port 0 on every interface, as torch's own ``get_free_port``: it is
+    only a proposal, the rank-0 worker binds it when the round starts.
     """
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def active_nodes(snapshot: Snapshot) -> set[str]:
+    """The live nodes a round waits for before closing early (rounds after the first)."""
+    return {name for name, info in snapshot.nodes.items() if info.get("state") == ACTIVE}
+
+
+class ClosedMarker:
+    """The run's closed marker, kept current by a watch; ``on_change`` after each change."""
+
+    def __init__(self, kv: KeyValueClient, key: str, *, on_change: Callable[[], None]) -> None:
+        self.key = key
+        self._on_change = on_change
+        self._closed = threading.Event()
+        self._watch = PrefixWatch(kv, key, on_snapshot=self._snapshot, on_events=self._events)
+
+    def start(self) -> ClosedMarker:
+        self._watch.start()
+        return self
+
+    def close(self) -> None:
+        self._watch.close()
+
+    def is_set(self) -> bool:
+        return self._closed.is_set()
+
+    def set_locally(self) -> None:
+        self._closed.set()
+        self._on_change()
+
+    def _snapshot(self, kvs: list[KeyValue]) -> None:
+        self._apply(any(kv.key == self.key for kv in kvs))
+
+    def _events(self, events: list[WatchEvent]) -> None:
+        for event in events:
+            if event.key == self.key:
+                self._apply(event.kind == "put")
+
+    def _apply(self, closed: bool) -> None:
+        if closed:
+            self._closed.set()
+        else:
+            self._closed.clear()
+        self._on_change()
+
+
+class EtcdRendezvousHandler(RendezvousHandler):
+    """See the module docstring. Build it with :func:`create_handler`."""
 
     def __init__(
         self,
-        handler: DynamicRendezvousHandler,
+        kv: KeyValueClient,
         *,
-        poll_seconds: float,
-        complete_when: CompleteWhen | None,
-        sleep: Callable[[float], None] = time.sleep,
+        keys: RunKeys,
+        settings: JoinSettings,
+        addr: str,
+        node_ttl_seconds: float,
+        state_ttl_seconds: float,
+        owns_client: bool,
+        name: str | None = None,
     ) -> None:
-        super().__init__(handler._this_node, handler._state_holder, handler._settings)
-        self._poll_seconds = poll_seconds
-        self._complete_when = complete_when
-        self._sleep = sleep
+        self._kv, self._keys, self._settings = kv, keys, settings
+        self._owns_client = owns_client
+        self._addr = addr
+        self.name = name or node_name_for(addr)
+        self._keys.node(self.name)  # validates the name
+        self._node = NodeLease(
+            kv, run_id=keys.run_id, key_prefix=keys.key_prefix, ttl_seconds=node_ttl_seconds
+        )
+        self._store_lease = LeaseKeeper(kv, ttl_seconds=max(1, round(state_ttl_seconds)))
+        self._view = GroupView(kv, keys)
+        self._closed = ClosedMarker(kv, keys.root + CLOSED_KEY, on_change=self._view.poke)
+        self._joiner = RoundJoiner(
+            kv,
+            keys,
+            self._view,
+            name=self.name,
+            addr=addr,
+            lease_id=lambda: self._node.lease_id,
+            port=free_port,
+            expected=active_nodes,
+        )
+        self._round = 0
+        self._released = False
 
-    def run(  # type: ignore[override]
-        self,
-        state_handler: Callable[[_RendezvousContext, float], _Action],
-        deadline: float,
-        update_deadline: Callable[[timedelta], float] | None = None,
-    ) -> None:
-        if isinstance(state_handler, _RendezvousJoinOp):
-            state_handler = functools.partial(self._join_step, state_handler)
-        super().run(state_handler, deadline, update_deadline)
+    def start(self) -> EtcdRendezvousHandler:
+        """Register the node record and start the watches (errors propagate, nothing leaks)."""
+        try:
+            self._node.register(self.name, {"state": ACTIVE, "addr": self._addr})
+            self._view.start()
+            self._closed.start()
+        except BaseException:
+            self._release()
+            raise
+        return self
 
-    def _join_step(
-        self, join: _RendezvousJoinOp, ctx: _RendezvousContext, deadline: float
-    ) -> _Action:
-        while True:
-            action = join(ctx, deadline)
-            if action is not _Action.SYNC:
-                return action
-            if self._may_complete(ctx):
-                return _Action.MARK_RENDEZVOUS_COMPLETE
-            if self._poll_seconds >= TORCH_POLL_SECONDS:
-                return action  # torch's own wait
-            self._sleep(self._poll_seconds)
-            self._state_holder.sync()  # a read: nothing is dirty while we only wait
-            self._state = self._state_holder.state
-            ctx = _RendezvousContext(ctx.node, self._state, ctx.settings)
+    # ------------------------------------------------------------------ torch's interface
+    def get_backend(self) -> str:
+        return BACKEND_NAME
 
-    def _may_complete(self, ctx: _RendezvousContext) -> bool:
-        state = ctx.state
-        if self._complete_when is None or state.complete or state.wait_list:
-            return False
-        if ctx.node not in state.participants:
-            return False
-        if len(state.participants) < ctx.settings.min_nodes:
-            return False
-        return self._complete_when(frozenset(repr(node) for node in state.participants))
+    @property
+    def use_agent_store(self) -> bool:
+        """Workers bootstrap from MASTER_ADDR/MASTER_PORT (rank 0's TCPStore), not our store."""
+        return False
 
+    def get_run_id(self) -> str:
+        return self._keys.run_id
 
-class EtcdRendezvousHandler(DynamicRendezvousHandler):
-    """``DynamicRendezvousHandler`` whose rounds get their own ``EtcdStore`` namespace."""
+    def next_rendezvous(self) -> RendezvousInfo:
+        if self._closed.is_set() or self._released:
+            raise RendezvousClosedError(f"rendezvous {self._keys.run_id} is closed")
+        started = time.monotonic()
+        record = self._joiner.join(
+            self._settings, after_round=self._round, should_stop=self._closed.is_set
+        )
+        if record is None:
+            raise RendezvousClosedError(f"rendezvous {self._keys.run_id} was closed meanwhile")
+        rank = record.rank_of(self.name)
+        assert rank is not None, "join() returns only rounds that list this node"
+        self._round = record.round
+        self._joiner.remember(record)
+        log.info(
+            "rdzv_round_joined",
+            run_id=self._keys.run_id,
+            node=self.name,
+            round=record.round,
+            rank=rank,
+            world_size=len(record.participants),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        store = EtcdStore(self._kv, prefix=self._keys.store(record.round), lease=self._store_lease)
+        bootstrap = RendezvousStoreInfo(record.master_addr, record.master_port)
+        return RendezvousInfo(store, rank, len(record.participants), bootstrap)
 
-    _kv: KeyValueClient
-    _keys: RunKeys
-    _lease: LeaseKeeper
-    _owns_client: bool
+    def num_nodes_waiting(self) -> int:
+        """1 when a newer round is open or formed without this node, else 0 (reads the view)."""
+        latest = self._view.snapshot.round
+        if latest is None or latest.round <= self._round:
+            return 0
+        return 0 if latest.closed and self.name in latest.participants else 1
 
-    def _bind(
-        self, kv: KeyValueClient, *, keys: RunKeys, lease: LeaseKeeper, owns_client: bool
-    ) -> None:
-        self._kv, self._keys, self._lease, self._owns_client = kv, keys, lease, owns_client
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    def set_closed(self) -> None:
+        value = encode({"closed_by": self.name})
+        key = self._closed.key
+        self._store_lease.write(lambda lease_id: self._kv.put(key, value, lease_id=lease_id))
+        self._closed.set_locally()
+
+    def shutdown(self) -> bool:
+        """Close the run (torch's contract, module docstring), then :meth:`leave`."""
+        if self._released:
+            return True
+        closed = self._attempt("rdzv_close_failed", self.set_closed)
+        return self.leave() and closed
+
+    # ------------------------------------------------------------------ ours
+    def leave(self) -> bool:
+        """Leave without closing the run: withdraw from an open round, revoke the node lease
+        (the record goes at once, so the others' next round does not wait for this node), stop
+        the watches and close an owned client. False if etcd could not be told."""
+        if self._released:
+            return True
+        return self._release()
 
     @property
     def round(self) -> int:
-        """The round this handler last synced (the one ``next_rendezvous`` joined)."""
-        return int(self._state_holder.state.round)
-
-    @property
-    def node_name(self) -> str:
-        """torch's descriptor of this participant: ``<addr>_<pid>_<local_id>``."""
-        return repr(self._this_node)
+        """The round the last ``next_rendezvous`` returned (0: none yet)."""
+        return self._round
 
     @property
     def keys(self) -> RunKeys:
         return self._keys
 
-    def _get_store(self) -> Store:
-        # Overrides torch's PrefixStore over one shared store: one etcd namespace per round.
-        store = EtcdStore(self._kv, prefix=self._keys.store(self.round), lease=self._lease)
-        self._refresh_bootstrap_info(store)
-        return store
+    @property
+    def view(self) -> GroupView:
+        return self._view
 
-    def _refresh_bootstrap_info(self, store: EtcdStore) -> None:
-        """Make every round publish and read the agents' shared TCPStore address afresh.
+    def _release(self) -> bool:
+        self._released = True
+        ok = self._attempt("rdzv_withdraw_failed", self._joiner.withdraw)
+        ok = self._attempt("rdzv_node_revoke_failed", self._node.revoke) and ok
+        self._closed.close()
+        self._view.close()
+        if self._owns_client:
+            self._kv.close()
+        return ok
 
-        torch (2.13) caches ``MASTER_ADDR``/``MASTER_PORT`` after a node's first round: rank 0
-        then never writes them into a later round's store, so a node joining that round waits
-        for them forever, and a non-zero rank keeps the address of a rank 0 that may be gone.
-        torch calls ``_get_store`` after ranks are assigned and before it reads the cache, so
-        here non-zero ranks drop the cache and rank 0 republishes what it serves.
-        """
-        if os.getenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") == "1":
-            return  # torch then builds fresh bootstrap info every round by itself
-        rank = self._state_holder.state.participants[self._this_node]
-        cached = getattr(self, "_bootstrap_store_info", None)
-        if rank != 0:
-            self._bootstrap_store_info = None
-        elif cached is not None and getattr(self, "_shared_tcp_store_server", None) is not None:
-            store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, cached.master_addr)
-            store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(cached.master_port))
-
-    def _record(
-        self, message: str, node_state: NodeState = NodeState.RUNNING, rank: int | None = None
-    ) -> None:
-        construct_and_record_rdzv_event(
-            name=f"{type(self).__name__}.{_caller_method()}",
-            run_id=self._settings.run_id,
-            message=message,
-            node_state=node_state,
-            hostname=self._this_node.addr,
-            pid=self._this_node.pid,
-            local_id=self._this_node.local_id,
-            rank=rank,
-        )
-
-    def _tune_join(self, *, poll_seconds: float, complete_when: CompleteWhen | None) -> None:
-        if poll_seconds >= TORCH_POLL_SECONDS and complete_when is None:
-            # torch's behaviour, unchanged, minus the cost of naming its events
-            self._op_executor = _Executor(self._this_node, self._state_holder, self._settings)
-            return
-        if poll_seconds < TORCH_POLL_SECONDS and isinstance(
-            self._state_holder, _BackendRendezvousStateHolder
-        ):
-            # The holder serves reads younger than its cache (1 s) from memory: a faster poll
-            # must reach etcd.
-            self._state_holder._cache_duration = 0
-        self._op_executor = _JoinExecutor(
-            self, poll_seconds=poll_seconds, complete_when=complete_when
-        )
-
-    def leave(self, *, timeout_seconds: float = 10.0) -> None:
-        """Leave the group on purpose (a drained node): stop the keep-alives and remove this
-        node from the current round now. The others' next round then forms at once, instead of
-        after this node's keep-alives expire (``keep_alive_interval * keep_alive_max_attempt``).
-        """
-        self._stop_heartbeats()
-        with self._heartbeat_lock:
-            self._op_executor.run(_RendezvousExitOp(), time.monotonic() + timeout_seconds)
-
-    def next_rendezvous(self) -> RendezvousInfo:
-        info = super().next_rendezvous()
-        if info.rank == 0:
-            self._purge_earlier_rounds()
-        return info
-
-    def _purge_earlier_rounds(self) -> None:
+    def _attempt(self, event: str, action: Callable[[], None]) -> bool:
         try:
-            self._kv.delete_range(self._keys.store_root, self._keys.store(self.round))
-        # Not fatal: the next round's rank 0 purges again, and the lease expires them anyway.
+            action()
+        # Shutdown goes on without etcd: the lease expires and a new round forms without us.
         except EtcdRendezvousError as exc:
-            log.warning("rdzv_store_purge_failed", round=self.round, error=str(exc))
-
-    def shutdown(self) -> bool:
-        try:
-            return bool(super().shutdown())
-        finally:
-            if self._owns_client:
-                self._kv.close()
-
-
-def _seconds(value: float) -> timedelta:
-    return timedelta(seconds=value)
+            log.warning(event, run_id=self._keys.run_id, node=self.name, error=str(exc))
+            return False
+        return True
 
 
 def create_handler(
@@ -268,57 +295,55 @@ def create_handler(
     max_nodes: int,
     local_addr: str | None = None,
     key_prefix: str | None = None,
-    state_ttl_seconds: float | None = None,
     join_timeout_seconds: float = 600.0,
     last_call_timeout_seconds: float = 30.0,
-    close_timeout_seconds: float = 30.0,
-    heartbeat_timeout_seconds: float = 5.0,
-    keep_alive_interval_seconds: float = 5.0,
-    keep_alive_max_attempt: int = 3,
-    poll_seconds: float = TORCH_POLL_SECONDS,
-    complete_when: CompleteWhen | None = None,
+    ttl_seconds: float | None = None,
+    state_ttl_seconds: float | None = None,
+    node_name: str | None = None,
 ) -> EtcdRendezvousHandler:
-    """A rendezvous handler for ``run_id`` on etcd.
+    """A started rendezvous handler for ``run_id`` on etcd (its node record is written now).
 
-    ``etcd`` is either an ``EtcdConfig`` (a client is connected now and closed by
-    ``shutdown()``) or a shared ``KeyValueClient`` the caller keeps owning. ``key_prefix`` and
-    ``state_ttl_seconds`` default to the config's (a client from ``connect`` carries its config).
-    ``local_addr`` is the address other nodes reach this one at (default: the FQDN).
-    ``poll_seconds`` and ``complete_when`` change how this node waits while joining (module
-    doc); the defaults keep torch's behaviour.
+    ``etcd`` is either an ``EtcdConfig`` (a client is connected now and closed by ``shutdown()``)
+    or a shared ``KeyValueClient`` the caller keeps owning. ``key_prefix``, ``ttl_seconds`` (the
+    node lease: a killed node is gone this long after its last keep-alive) and
+    ``state_ttl_seconds`` (store keys and closed marker) default to the config's (a client from
+    ``connect`` carries its config). ``local_addr`` is where other nodes reach this one (default:
+    the FQDN); ``node_name`` defaults to ``<addr>_<pid>_<n>``. ``last_call_timeout_seconds``:
+    how long a round with at least ``min_nodes`` waits for more (the first round always, later
+    ones only while a live node has not joined).
     """
+    if not 1 <= min_nodes <= max_nodes:
+        raise ValueError(f"need 1 <= min_nodes <= max_nodes, got {min_nodes}, {max_nodes}")
+    if join_timeout_seconds <= 0 or last_call_timeout_seconds < 0:
+        raise ValueError(
+            f"join_timeout_seconds {join_timeout_seconds} must be > 0 and "
+            f"last_call_timeout_seconds {last_call_timeout_seconds} >= 0"
+        )
     kv: KeyValueClient
     if isinstance(etcd, EtcdConfig):
         config, kv, owns = etcd, connect(etcd), True
     else:
         config, kv, owns = getattr(etcd, "config", None) or EtcdConfig(), etcd, False
     try:
-        keys = RunKeys(key_prefix or config.key_prefix, run_id)
-        ttl = state_ttl_seconds if state_ttl_seconds is not None else config.state_ttl_seconds
-        lease = LeaseKeeper(kv, ttl_seconds=max(1, round(ttl)))
-        backend = EtcdRendezvousBackend(kv, keys=keys, lease=lease)
-        timeout = RendezvousTimeout(
-            join=_seconds(join_timeout_seconds),
-            last_call=_seconds(last_call_timeout_seconds),
-            close=_seconds(close_timeout_seconds),
-            heartbeat=_seconds(heartbeat_timeout_seconds),
-        )
-        handler = EtcdRendezvousHandler.from_backend(
-            run_id,
-            EtcdStore(kv, prefix=keys.store_root, lease=lease),
-            backend,
-            min_nodes,
-            max_nodes,
-            local_addr,
-            timeout,
-            keep_alive_interval=keep_alive_interval_seconds,  # type: ignore[arg-type]  # seconds
-            keep_alive_max_attempt=keep_alive_max_attempt,
+        handler = EtcdRendezvousHandler(
+            kv,
+            keys=RunKeys(key_prefix or config.key_prefix, run_id),
+            settings=JoinSettings(
+                min_nodes=min_nodes,
+                max_nodes=max_nodes,
+                last_call_seconds=last_call_timeout_seconds,
+                timeout_seconds=join_timeout_seconds,
+            ),
+            addr=local_addr or socket.getfqdn(),
+            node_ttl_seconds=ttl_seconds if ttl_seconds is not None else config.ttl_seconds,
+            state_ttl_seconds=(
+                state_ttl_seconds if state_ttl_seconds is not None else config.state_ttl_seconds
+            ),
+            owns_client=owns,
+            name=node_name,
         )
     except BaseException:
         if owns:
             kv.close()
         raise
-    assert isinstance(handler, EtcdRendezvousHandler)
-    handler._bind(kv, keys=keys, lease=lease, owns_client=owns)
-    handler._tune_join(poll_seconds=poll_seconds, complete_when=complete_when)
-    return handler
+    return handler.start()  # releases (and closes an owned client) if it fails

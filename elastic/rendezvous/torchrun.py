@@ -6,12 +6,18 @@ registry calls ``handler_factory()`` and registers the result as the creator of 
     torchrun --rdzv-backend etcd3 --rdzv-endpoint HOST:2379[,HOST2:2379] --rdzv-id JOB \\
              --nnodes 1:4 --rdzv-conf key_prefix=/jobs,tls_ca=/ca.pem,... train.py
 
-``--rdzv-conf`` options (all optional): ``key_prefix``, ``ttl_seconds`` (lease TTL of the run's
-rendezvous keys; an abandoned run is removed this long after its last write, default 7200),
-``connect_timeout_seconds``, ``request_timeout_seconds``, ``tls_ca``, ``tls_cert``, ``tls_key``,
-``user``, ``password``, and torch's own ``join_timeout``, ``last_call_timeout``,
-``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``, ``keep_alive_max_attempt``
-(seconds). torchrun's generic ``timeout`` is accepted and ignored, as torch's c10d backend does.
+``--rdzv-conf`` options (all optional): ``key_prefix``, ``node_ttl_seconds`` (lease TTL of this
+agent's node record: a killed agent is out of the group this long after its last keep-alive,
+default 10), ``ttl_seconds`` (lease TTL of the run's store keys and closed marker: an abandoned
+run's keys go this long after the last write, default 7200), ``connect_timeout_seconds``,
+``request_timeout_seconds``, ``tls_ca``, ``tls_cert``, ``tls_key``, ``user``, ``password``, and
+torch's ``join_timeout`` and ``last_call_timeout`` (seconds).
+
+Accepted and ignored, so that existing command lines keep working: torchrun's generic
+``timeout`` (as torch's c10d backend) and the knobs of torch's heartbeat algorithm, which this
+backend does not run (``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``,
+``keep_alive_max_attempt``): node liveness is the node lease (``node_ttl_seconds``). Given ones
+are named in one log line.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from elastic import jsonlog
 from elastic.config import ConfigError, build
 from elastic.rendezvous.config import EtcdConfig, split_endpoints
 
@@ -27,8 +34,10 @@ if TYPE_CHECKING:
 
     from elastic.rendezvous.handler import EtcdRendezvousHandler
 
+log = jsonlog.get("elastic.rendezvous.torchrun")
 CONNECTION_OPTIONS = {
     "key_prefix": "key_prefix",
+    "node_ttl_seconds": "ttl_seconds",
     "ttl_seconds": "state_ttl_seconds",
     "connect_timeout_seconds": "connect_timeout_seconds",
     "request_timeout_seconds": "request_timeout_seconds",
@@ -41,12 +50,23 @@ CONNECTION_OPTIONS = {
 TIMEOUT_OPTIONS = {
     "join_timeout": ("join_timeout_seconds", 600.0),
     "last_call_timeout": ("last_call_timeout_seconds", 30.0),
-    "close_timeout": ("close_timeout_seconds", 30.0),
-    "heartbeat_timeout": ("heartbeat_timeout_seconds", 5.0),
-    "keep_alive_interval": ("keep_alive_interval_seconds", 5.0),
 }
-IGNORED_OPTIONS = {"timeout"}
-_FLOAT_FIELDS = {"state_ttl_seconds", "connect_timeout_seconds", "request_timeout_seconds"}
+# torchrun's generic option, and torch's heartbeat algorithm's knobs (module docstring).
+IGNORED_OPTIONS = frozenset(
+    {
+        "timeout",
+        "close_timeout",
+        "heartbeat_timeout",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+    }
+)
+_FLOAT_FIELDS = {
+    "ttl_seconds",
+    "state_ttl_seconds",
+    "connect_timeout_seconds",
+    "request_timeout_seconds",
+}
 
 
 def _number(key: str, value: Any) -> float:
@@ -59,7 +79,6 @@ def _number(key: str, value: Any) -> float:
 def config_from_params(params: RendezvousParameters) -> EtcdConfig:
     """``EtcdConfig`` from ``--rdzv-endpoint`` (comma separated) and ``--rdzv-conf``."""
     known = set(CONNECTION_OPTIONS) | set(TIMEOUT_OPTIONS) | IGNORED_OPTIONS
-    known |= {"keep_alive_max_attempt"}
     unknown = sorted(set(params.config) - known)
     if unknown:
         raise ValueError(
@@ -92,7 +111,9 @@ def create_torchrun_handler(params: RendezvousParameters) -> EtcdRendezvousHandl
         field: _number(option, params.config.get(option, default))
         for option, (field, default) in TIMEOUT_OPTIONS.items()
     }
-    max_attempt = params.get_as_int("keep_alive_max_attempt", 3)
+    ignored = sorted(IGNORED_OPTIONS & set(params.config) - {"timeout"})
+    if ignored:
+        log.info("rdzv_conf_ignored", options=ignored, reason="no heartbeats: node leases")
     return create_handler(
         config,
         run_id=params.run_id,
@@ -101,10 +122,6 @@ def create_torchrun_handler(params: RendezvousParameters) -> EtcdRendezvousHandl
         local_addr=params.local_addr,
         join_timeout_seconds=seconds["join_timeout_seconds"],
         last_call_timeout_seconds=seconds["last_call_timeout_seconds"],
-        close_timeout_seconds=seconds["close_timeout_seconds"],
-        heartbeat_timeout_seconds=seconds["heartbeat_timeout_seconds"],
-        keep_alive_interval_seconds=seconds["keep_alive_interval_seconds"],
-        keep_alive_max_attempt=max_attempt if max_attempt is not None else 3,
     )
 
 

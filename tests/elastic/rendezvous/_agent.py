@@ -1,9 +1,11 @@
 """A minimal elastic agent for the multi-process tests (run as ``python -m``).
 
-It registers a ``NodeLease``, watches the other nodes and, unless ``--lease-only``, joins
-rendezvous rounds: after each round it prints ``{"event": "round", ...}`` and re-joins when a
-node leaves (its lease went away) or a newcomer waits. SIGTERM is a graceful exit: the lease is
-revoked before the process ends. Every line on stdout is one JSON object.
+With ``--lease-only`` it only holds a ``NodeLease`` (node record ``{"state": "active"}``).
+Otherwise its rendezvous handler is the node (its record, named ``--node-id``, under the
+handler's lease): it joins rounds, prints ``{"event": "round", ...}`` after each and re-joins
+when a node leaves (its lease went away, seen by a ``NodeWatch``) or a newcomer waits. SIGTERM is
+a graceful exit: the lease is revoked before the process ends. Every stdout line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_rounds(
-    args: argparse.Namespace, client: Any, watch: NodeWatch, stop: threading.Event
-) -> None:
+def run_rounds(args: argparse.Namespace, client: Any, stop: threading.Event) -> None:
     handler = create_handler(
         client,
         run_id=args.run_id,
@@ -46,25 +46,51 @@ def run_rounds(
         local_addr="127.0.0.1",
         join_timeout_seconds=60,
         last_call_timeout_seconds=1.0,
-        keep_alive_interval_seconds=1.0,
-        keep_alive_max_attempt=3,
+        ttl_seconds=args.ttl_seconds,
+        node_name=args.node_id,
     )
-    while not stop.is_set():
-        info = handler.next_rendezvous()
-        emit(
-            event="round",
-            node=args.node_id,
-            round=handler.round,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
+    watch = NodeWatch(client, run_id=args.run_id).start()
+    emit(event="registered", node=args.node_id, pid=os.getpid())
+    try:
         while not stop.is_set():
-            event = watch.get(0.2)
-            if event is not None and event.kind == "left":
-                emit(event="node_left", node=args.node_id, other=event.node_id)
-                break
-            if handler.num_nodes_waiting() > 0:
-                break
+            info = handler.next_rendezvous()
+            emit(
+                event="round",
+                node=args.node_id,
+                round=handler.round,
+                rank=info.rank,
+                world_size=info.world_size,
+            )
+            wait_for_change(args, handler, watch, stop)
+    finally:
+        handler.leave()  # not shutdown(): that would close the run for the others
+        emit(event="revoked", node=args.node_id)
+        watch.close()
+
+
+def wait_for_change(
+    args: argparse.Namespace, handler: Any, watch: NodeWatch, stop: threading.Event
+) -> None:
+    """Until a node left or a newer round waits for this one (or SIGTERM)."""
+    while not stop.is_set():
+        event = watch.get(0.2)
+        if event is not None and event.kind == "left":
+            emit(event="node_left", node=args.node_id, other=event.node_id)
+            return
+        if handler.num_nodes_waiting() > 0:
+            return
+
+
+def hold_lease(args: argparse.Namespace, client: Any, stop: threading.Event) -> None:
+    lease = NodeLease(client, run_id=args.run_id, ttl_seconds=args.ttl_seconds)
+    lease.register(args.node_id, {"state": "active", "pid": os.getpid()})
+    emit(event="registered", node=args.node_id, pid=os.getpid())
+    try:
+        while not stop.wait(0.1):
+            pass
+    finally:
+        lease.revoke()
+        emit(event="revoked", node=args.node_id)
 
 
 def main(argv: list[str]) -> int:
@@ -72,21 +98,11 @@ def main(argv: list[str]) -> int:
     config = EtcdConfig(endpoints=(args.endpoint,), connect_timeout_seconds=10.0)
     client = connect(config)
     stop = threading.Event()
-    lease = NodeLease(client, run_id=args.run_id, ttl_seconds=args.ttl_seconds)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    watch = NodeWatch(client, run_id=args.run_id).start()
-    lease.register(args.node_id, {"pid": os.getpid()})
-    emit(event="registered", node=args.node_id, pid=os.getpid())
-    try:
-        if args.lease_only:
-            while not stop.wait(0.1):
-                pass
-        else:
-            run_rounds(args, client, watch, stop)
-    finally:
-        lease.revoke()
-        emit(event="revoked", node=args.node_id)
-        watch.close()
+    if args.lease_only:
+        hold_lease(args, client, stop)
+    else:
+        run_rounds(args, client, stop)
     return 0
 
 

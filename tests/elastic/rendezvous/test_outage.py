@@ -23,9 +23,7 @@ def quick_handler(config: object, run_id: str, *, num_nodes: int) -> EtcdRendezv
         local_addr="127.0.0.1",
         join_timeout_seconds=60,
         last_call_timeout_seconds=0.5,
-        close_timeout_seconds=5,
-        keep_alive_interval_seconds=1,
-        keep_alive_max_attempt=10,  # the restart must not make peers look dead
+        ttl_seconds=30,  # the restart must not make peers look dead
     )
 
 
@@ -46,6 +44,7 @@ def test_group_reforms_after_etcd_restarts_with_its_data(
         second = form_round(handlers)
         assert sorted(second) == [(0, 2), (1, 2)]  # type: ignore[type-var]
         assert handlers[0].round == handlers[1].round > round_before
+        assert all(h.view.resyncs >= 1 for h in handlers)  # the group watch came back
     finally:
         for handler in handlers:
             handler.shutdown()

@@ -1,5 +1,5 @@
-"""8 to 64 participants (threads, one etcd client each) complete one round; times are printed,
-not asserted (the machine is shared)."""
+"""8 to 64 participants (threads, one etcd client each) complete one round at max_nodes; times are
+printed, not asserted (the machine is shared)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,6 @@ def test_every_participant_completes_one_round(
             local_addr="127.0.0.1",
             join_timeout_seconds=120,
             last_call_timeout_seconds=1,
-            # Heartbeats of 64 threads must not starve the joins on two shared cores.
-            keep_alive_interval_seconds=5,
-            keep_alive_max_attempt=6,
         )
         for client in clients
     ]

@@ -112,7 +112,6 @@ def test_rank_zero_deletes_the_store_of_earlier_rounds(run_id: str) -> None:
             max_nodes=2,
             local_addr="127.0.0.1",
             last_call_timeout_seconds=0.5,
-            keep_alive_interval_seconds=1.0,
         )
         for client in clients
     ]
