@@ -28,6 +28,7 @@ BENCHMARKS = (
     "recovery",
     "overhead",
     "rendezvous",
+    "membership",
     "goodput",  # last: a simulation fed with the costs the others measure
 )
 

@@ -131,6 +131,7 @@ class Group:
         )
         self._lock = threading.Lock()
         self._local = _Local()
+        self._etcd_up = True
         self._publisher = _Publisher(self)
 
     # ----------------------------------------------------------------- lifecycle
@@ -404,6 +405,11 @@ class Group:
         self._wake()
 
     def _on_etcd_health(self, up: bool) -> None:
+        """The keep-alive's verdict on etcd (every TTL/3): a metric, and a line on change."""
+        with self._lock:
+            changed, self._etcd_up = up != self._etcd_up, up
+        if changed:
+            self.log.info("etcd_up" if up else "etcd_down")
         self.metrics.set_etcd_up(up)
 
     def _quietly(self, action: Callable[[], Any]) -> None:
@@ -413,7 +419,7 @@ class Group:
             action()
         except (EtcdRendezvousError, RuntimeError) as exc:
             self.log.warning("etcd_write_failed", error=str(exc)[:200])
-            self.metrics.set_etcd_up(False)
+            self._on_etcd_health(False)
 
 
 def _expected(snap: Snapshot) -> set[str]:

@@ -236,7 +236,9 @@ def decode_node(key: str, value: bytes) -> dict[str, Any]:
     data = load(key, value)
     state = data.get("state")
     if not isinstance(state, str) or state not in NODE_STATES:  # a list is unhashable
-        raise RecordError(key, f"state={_short(data.get('state'))} is not one of {sorted(NODE_STATES)}")
+        raise RecordError(
+            key, f"state={_short(data.get('state'))} is not one of {sorted(NODE_STATES)}"
+        )
     return data
 
 

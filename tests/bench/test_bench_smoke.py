@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,5 +77,33 @@ def test_list_names_every_benchmark() -> None:
         "recovery",
         "overhead",
         "rendezvous",
+        "membership",
         "goodput",
     ]
+
+
+def test_membership_bench_at_eight_participants_reports_rounds_writes_loss_and_idle(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "membership.json"
+    args = ["--sizes", "8", "--loss-size", "8", "--loss-ttl", "2", "--idle-size", "8"]
+    args += ["--idle-seconds", "1"]
+    args += ["--c10d-sizes", "4", "--legacy-sizes", "4", "--legacy-window", "1", "--procs", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.membership", *args, "--json", str(out)],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    size = data["sizes"]["8"]
+    assert size["round1"]["participants"] == 8 and size["round2"]["participants"] == 8
+    assert size["round1"]["writes"] == size["round2"]["writes"] == 8 + 2
+    assert size["loss"]["survivors"] == 7 and size["loss"]["missed"] == 0
+    assert size["idle"]["revisions"] == 0
+    assert data["compare"]["c10d"]["4"]["seconds"] > 0
+    assert data["compare"]["legacy"]["4"]["round"]["seconds"] > 0
+    assert "| round of 1,024 |" in proc.stdout
