@@ -377,6 +377,10 @@ class Group:
     def _on_change(self, old: Snapshot, new: Snapshot) -> None:
         """The watch thread: match departures to our round, wake the supervisor when a newer
         round, an abort of ours or a lost member appeared."""
+        for node in old.nodes.keys() - new.nodes.keys():
+            self.log.info("node_left", other=node, state=old.nodes[node].get("state"))
+        for node in new.nodes.keys() - old.nodes.keys():
+            self.log.info("node_joined", other=node)
         with self._lock:
             record = self._local.round
         if record is None:
