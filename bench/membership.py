@@ -2,7 +2,8 @@
 
 Usage: ``python -m bench.membership [--sizes 256,1024,2048] [--procs 4] [--idle-seconds 600]
 [--idle-size 2048] [--loss-size 1024] [--loss-ttl 3] [--c10d-sizes 64,128]
-[--legacy-sizes 64,128] [--json PATH]`` (also ``python -m bench --only membership``).
+[--legacy-sizes 64,128] [--json PATH]`` (also ``python -m bench --only membership``);
+``--idle-only`` measures just the idle window, on a group formed cheaply in this process (below).
 
 Participants are simulated as threads in ``--procs`` processes (bench/membership_worker.py),
 each with its own etcd connection, lease and node record (state ``active``), ``GroupView`` and
@@ -23,6 +24,16 @@ directory). For each size N:
 - **idle** (at ``--idle-size``): after the rounds nothing happens but lease keep-alives for
   ``--idle-seconds``; etcd's database size (metrics ``etcd_mvcc_db_total_size_in_use_in_bytes``
   and ``etcd_mvcc_db_total_size_in_bytes``) and revision at both ends give bytes/s.
+
+With ``--idle-only`` (the 2,048-node idle window on a machine that cannot host 2,048 simulated
+clients): no worker processes; this process grants ``--idle-size`` leases (``--ttl``), puts a
+node record (state ``active``) under each, opens round 1 by compare-and-set, puts every node's
+join record under its lease and closes the round by compare-and-set listing all nodes sorted
+(the records and keys the protocol writes, written here by one client rather than by
+``RoundJoiner``s), checks that a ``GroupView`` sees the closed round and every node, and then
+keeps the leases alive for ``--idle-seconds``: ``IDLE_KEEP_ALIVE_THREADS`` threads, each sending
+its share of the leases as one LeaseKeepAlive stream every TTL/3 over one shared connection
+(etcd leases are not tied to the connection that granted them).
 
 Compared in the same run: torch's c10d rendezvous (stock ``DynamicRendezvousHandler`` over
 ``C10dRendezvousBackend`` on a TCPStore, threads of one process, min = max = N) and the
@@ -52,13 +63,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from etcd3 import etcdrpc
+
 from bench.common import RESULTS_DIR, Section, Target, fmt, table
 from bench.membership_worker import serve
 from elastic.rendezvous.config import EtcdConfig
-from elastic.rendezvous.etcd_client import connect
+from elastic.rendezvous.errors import EtcdRendezvousError
+from elastic.rendezvous.etcd_client import EtcdClient, connect
 from elastic.rendezvous.keys import RunKeys
-from elastic.rendezvous.kv import WatchEvent
+from elastic.rendezvous.kv import DeleteRange, Op, Put, WatchEvent
+from elastic.rendezvous.records import JoinRecord, RoundRecord, encode_node
 from elastic.rendezvous.rounds import JoinSettings
+from elastic.rendezvous.view import GroupView
 from tests.support.etcd import EtcdServer
 from tests.support.procs import REPO, base_env
 
@@ -69,9 +85,13 @@ START_DELAY_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 60.0
 # etcd commits its backend every 100 ms: let the last write before the window reach the file.
 IDLE_SETTLE_SECONDS = 2.0  # every process gets the join command before the common start
+IDLE_KEEP_ALIVE_THREADS = 2
+IDLE_FORM_TIMEOUT_SECONDS = 60.0
+MASTER_PORT = 29500
+# etcd 3.5 calls the file size etcd_mvcc_db_total_size_in_bytes (older: etcd_debugging_mvcc_...).
 _METRIC = re.compile(
-    r"^(etcd_mvcc_db_total_size_in_use_in_bytes|etcd_mvcc_db_total_size_in_bytes)"
-    r"\s+(\S+)$",
+    r"^(etcd_mvcc_db_total_size_in_use_in_bytes|etcd_mvcc_db_total_size_in_bytes"
+    r"|etcd_debugging_mvcc_db_total_size_in_bytes)\s+(\S+)$",
     re.M,
 )
 
@@ -210,7 +230,10 @@ def etcd_sizes(server: EtcdServer) -> dict[str, float]:
     sizes = {name: float(value) for name, value in _METRIC.findall(text)}
     return {
         "in_use_bytes": sizes.get("etcd_mvcc_db_total_size_in_use_in_bytes", float("nan")),
-        "total_bytes": sizes.get("etcd_mvcc_db_total_size_in_bytes", float("nan")),
+        "total_bytes": sizes.get(
+            "etcd_mvcc_db_total_size_in_bytes",
+            sizes.get("etcd_debugging_mvcc_db_total_size_in_bytes", float("nan")),
+        ),
         "revision": float(revision(server.endpoint)),
         "at": time.monotonic(),
     }
@@ -260,6 +283,161 @@ def idle(server: EtcdServer, seconds: float) -> dict[str, Any]:
         "revisions": last["revision"] - first["revision"],
         "in_use_bytes": [s["in_use_bytes"] for s in samples],
     }
+
+
+class _BatchKeepAlive:
+    """Every lease refreshed each TTL/3 by a few threads, each sending its share of the leases
+    as one LeaseKeepAlive stream per pass over the one client's connection."""
+
+    def __init__(self, kv: EtcdClient, lease_ids: Sequence[int], ttl_seconds: int) -> None:
+        self._kv = kv
+        self._every_seconds = ttl_seconds / 3
+        self._stop = threading.Event()
+        self.expired = 0  # leases etcd no longer knew (TTL <= 0 in the answer)
+        self.missing = 0  # keep-alives sent without an answer
+        self.max_pass_seconds = 0.0
+        self.max_gap_seconds = 0.0  # longest time between two passes of one thread
+        self.passes = 0
+        self.failures = 0  # passes whose stream failed
+        shares = [
+            list(lease_ids[i::IDLE_KEEP_ALIVE_THREADS]) for i in range(IDLE_KEEP_ALIVE_THREADS)
+        ]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(s,), daemon=True) for s in shares
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _refresh(self, lease_ids: Sequence[int]) -> list[int]:
+        def stream(client: Any) -> list[int]:
+            requests = (etcdrpc.LeaseKeepAliveRequest(ID=i) for i in lease_ids)
+            replies = client.leasestub.LeaseKeepAlive(
+                requests,
+                client.timeout,
+                credentials=client.call_credentials,
+                metadata=client.metadata,
+            )
+            return [int(r.TTL) for r in replies]
+
+        return self._kv._call("lease_keepalive", stream)
+
+    def _loop(self, lease_ids: Sequence[int]) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if last:
+                self.max_gap_seconds = max(self.max_gap_seconds, started - last)
+            last = started
+            try:
+                ttls = self._refresh(lease_ids)
+                self.expired += sum(ttl <= 0 for ttl in ttls)
+                self.missing += len(lease_ids) - len(ttls)
+            except EtcdRendezvousError:  # counted and retried next pass; expiries show later
+                self.failures += 1
+            self.passes += 1
+            self.max_pass_seconds = max(self.max_pass_seconds, time.monotonic() - started)
+            self._stop.wait(max(0.0, started + self._every_seconds - time.monotonic()))
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def form_idle_group(
+    kv: EtcdClient, keys: RunKeys, names: Sequence[str], lease_ids: Sequence[int]
+) -> RoundRecord:
+    """Node records, round 1 opened, every join, round 1 closed: the protocol's writes."""
+    for name, lease_id in zip(names, lease_ids, strict=True):
+        kv.put(keys.node(name), encode_node({"state": "active"}), lease_id=lease_id)
+    opened = RoundRecord(1, "open", names[0], len(names), len(names))
+    opening = kv.commit(
+        keys.round, expected_mod_revision=0, ops=[Put(keys.round, opened.to_bytes())]
+    )
+    if not opening.succeeded or opening.current is None:
+        raise RuntimeError("round 1 could not be opened")
+    for name, lease_id in zip(names, lease_ids, strict=True):
+        join = JoinRecord(name=name, addr="127.0.0.1", port=MASTER_PORT)
+        kv.put(keys.joins(1) + name, join.to_bytes(), lease_id=lease_id)
+    closed = RoundRecord(
+        1,
+        "closed",
+        names[0],
+        len(names),
+        len(names),
+        tuple(sorted(names)),
+        "127.0.0.1",
+        MASTER_PORT,
+    )
+    purge = (
+        DeleteRange(keys.joins_root, keys.joins(1)),
+        DeleteRange(keys.aborts, keys.abort(1)),
+        DeleteRange(keys.store_root, keys.store(1)),
+    )
+    ops: list[Op] = [Put(keys.round, closed.to_bytes()), *purge]
+    closing = kv.commit(keys.round, expected_mod_revision=opening.current.mod_revision, ops=ops)
+    if not closing.succeeded:
+        raise RuntimeError("round 1 could not be closed")
+    return closed
+
+
+def _stored(kv: EtcdClient, keys: RunKeys) -> dict[str, int]:
+    kvs, _ = kv.get_prefix(keys.root)
+    return {
+        "keys": len(kvs),
+        "key_bytes": sum(len(k.key.encode()) for k in kvs),
+        "value_bytes": sum(len(k.value) for k in kvs),
+    }
+
+
+def idle_only(server: EtcdServer, args: argparse.Namespace) -> dict[str, Any]:
+    """The idle window at ``--idle-size`` on a group formed by :func:`form_idle_group`."""
+    keys = RunKeys(KEY_PREFIX, f"membership-{uuid.uuid4().hex[:8]}")
+    names = [f"node-{i:05d}" for i in range(args.idle_size)]
+    kv = connect(EtcdConfig(endpoints=(server.endpoint,)))
+    started = time.monotonic()
+    before = etcd_sizes(server)
+    lease_ids = [kv.grant_lease(args.ttl) for _ in names]
+    keep_alive = _BatchKeepAlive(kv, lease_ids, args.ttl)
+    view: GroupView | None = None
+    try:
+        form_idle_group(kv, keys, names, lease_ids)
+        formed = etcd_sizes(server)
+        _progress(f"{len(names)} formed in {time.monotonic() - started:.1f} s: {formed}")
+        view = GroupView(kv, keys).start()
+        seen = view.wait_for(
+            lambda s: s.round is not None and s.round.closed and len(s.nodes) == len(names),
+            IDLE_FORM_TIMEOUT_SECONDS,
+        )
+        if seen is None or seen.round is None or len(seen.round.participants) != len(names):
+            raise RuntimeError(f"the view did not see the formed group: {view.snapshot.round}")
+        result: dict[str, Any] = {
+            "formed_seconds": time.monotonic() - started,
+            "formation_writes": int(formed["revision"] - before["revision"]),
+            "stored": _stored(kv, keys),
+            "round_record_bytes": len(seen.round.to_bytes()),
+            "db_after_forming": {k: formed[k] for k in ("in_use_bytes", "total_bytes")},
+        }
+        result["idle"] = idle(server, args.idle_seconds)
+        result["stored_after"] = _stored(kv, keys)
+        result["view_resyncs"] = view.resyncs
+        result["keep_alive"] = {
+            "threads": IDLE_KEEP_ALIVE_THREADS,
+            "connections": 1,
+            "every_seconds": args.ttl / 3,
+            "passes": keep_alive.passes,
+            "max_pass_seconds": keep_alive.max_pass_seconds,
+            "max_gap_seconds": keep_alive.max_gap_seconds,
+            "expired": keep_alive.expired,
+            "missing": keep_alive.missing,
+            "failed_passes": keep_alive.failures,
+        }
+        return result
+    finally:
+        keep_alive.close()
+        if view is not None:
+            view.close()
+        kv.close()
 
 
 def measure_size(server: EtcdServer, num_nodes: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -380,6 +558,9 @@ def _progress(line: str) -> None:
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     server = EtcdServer(work / "etcd").start()
     try:
+        if args.idle_only:
+            only = idle_only(server, args)
+            return {"sizes": {}, "idle_only": only, "procs": 0, "ttl_seconds": args.ttl}
         sizes: dict[str, Any] = {}
         for n in args.sizes:
             try:
@@ -500,6 +681,8 @@ def targets(data: dict[str, Any]) -> list[Target]:
         )
     )
     idle_entry = next(((n, e["idle"]) for n, e in sizes.items() if "idle" in e), None)
+    if "idle_only" in data:
+        idle_entry = (str(data["idle_size"]), data["idle_only"]["idle"])
     found.append(
         Target(
             "idle etcd growth" + (f" at {int(idle_entry[0]):,}" if idle_entry else ""),
@@ -520,7 +703,26 @@ def targets(data: dict[str, Any]) -> list[Target]:
     return found
 
 
+def idle_only_body(data: dict[str, Any]) -> str:
+    only, n = data["idle_only"], data["idle_size"]
+    idl, ka = only["idle"], only["keep_alive"]
+    return (
+        f"Command: `{data['command']}`. {n:,} nodes formed in {only['formed_seconds']:.1f} s "
+        f"({only['formation_writes']:,} etcd writes); the run's keys then: "
+        f"{only['stored']['keys']:,} keys, {only['stored']['value_bytes']:,} B of values (closed "
+        f"round record {only['round_record_bytes']:,} B). Idle for {idl['seconds']:.0f} s: "
+        f"{idl['revisions']:.0f} revisions, database in use {idl['in_use_bytes_per_second']:.1f} "
+        f"B/s, file {idl['total_bytes_per_second']:.1f} B/s (in use at the samples: "
+        f"{', '.join(str(int(b)) for b in idl['in_use_bytes'])}). Keep-alives: {ka['threads']} "
+        f"threads on {ka['connections']} connection, every {ka['every_seconds']:g} s, "
+        f"{ka['passes']} passes, longest pass {ka['max_pass_seconds']:.2f} s, longest gap "
+        f"{ka['max_gap_seconds']:.1f} s, {ka['expired']} expired, {ka['missing']} unanswered."
+    )
+
+
 def section(data: dict[str, Any]) -> Section:
+    if "idle_only" in data:
+        return Section("membership", TITLE, idle_only_body(data), targets(data), data=data)
     sizes = data["sizes"]
     head = [
         "participants",
@@ -583,11 +785,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loss-ttl", type=int, default=3, help="the lost node's TTL, seconds")
     parser.add_argument("--idle-size", type=int, default=2048)
     parser.add_argument("--idle-seconds", type=float, default=600.0)
+    parser.add_argument(
+        "--idle-only",
+        action="store_true",
+        help="only the idle window at --idle-size, on a group formed in this process",
+    )
     parser.add_argument("--c10d-sizes", type=ints, default=[64, 128])
     parser.add_argument("--legacy-sizes", type=ints, default=[64, 128])
     parser.add_argument("--legacy-window", type=float, default=20.0, help="seconds")
     parser.add_argument("--compare-bound", type=float, default=120.0, help="seconds per cell")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "membership.json")
+    # Not membership.json: that one is the rendered Section (python -m bench --only membership).
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "membership_run.json")
     return parser.parse_args(argv)
 
 

@@ -21,7 +21,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from elastic import jsonlog
 from elastic.rendezvous import KeyValueClient, RunKeys, connect
+from elastic.rendezvous import rounds as rounds_module
+from elastic.rendezvous import view as view_module
+from elastic.rendezvous import watching as watching_module
 from elastic.rendezvous.records import AbortRecord, RoundRecord, encode, encode_node
 from elastic.rendezvous.rounds import JoinSettings, RoundJoiner
 from elastic.rendezvous.run_store import validate_control
@@ -67,9 +71,14 @@ def etcdctl(etcd_server: EtcdServer) -> Etcdctl:
 
 
 @pytest.fixture
-def logs() -> Iterator[LogEntries]:
-    """Every structlog event of the test, from any thread (the watch threads log)."""
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogEntries]:
+    """Every structlog event of the test, from any thread (the watch threads log).
+
+    The modules' loggers were bound at import, to whatever processors structlog had then (an
+    earlier test may have configured JSON output since): rebind them inside the capture."""
     with capture_logs() as captured:
+        for module in (rounds_module, view_module, watching_module):
+            monkeypatch.setattr(module, "log", jsonlog.get(module.__name__))
         yield captured
 
 
