@@ -70,7 +70,9 @@ class GoodputAccount:
         self._export(log=True)
 
     def summary_json(self) -> dict[str, Any]:
-        return self.ledger.summary(self._clock()).to_json()
+        """The summary now, stamped with the Unix time it holds for (readers extrapolate from
+        it with its ``rates``: ``ops/goodput.py``)."""
+        return {**self.ledger.summary(self._clock()).to_json(), "as_of_unix": round(time.time(), 3)}
 
     def _export(self, *, log: bool = False) -> None:
         summary = self.ledger.summary(self._clock())

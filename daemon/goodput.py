@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -75,6 +75,9 @@ _BADPUT_OF: dict[Activity, Badput] = {
     Activity.PAUSED: Badput.PAUSED,
     Activity.OTHER: Badput.OTHER,
 }
+
+PRODUCTIVE = "productive"  # the rates' name for training time
+_TRAINING_LIKE = frozenset({Activity.TRAINING, Activity.CHECKPOINT_BLOCKING, Activity.OTHER})
 
 # By precedence: a node is as far from training as its furthest rank.
 _PHASE_ACTIVITY = (
@@ -119,6 +122,11 @@ class Summary:
     wall_seconds: float
     productive_seconds: float
     badput_seconds: Mapping[Badput, float]
+    # The share of each wall second that goes to each bucket ("productive" or a badput kind)
+    # from now on, for readers that extrapolate between the node's status writes; empty once
+    # the ledger stopped. Brief interruptions of training (a blocking save, an evaluation)
+    # count as training here: they would otherwise cost a status write each.
+    rates: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -131,6 +139,7 @@ class Summary:
             "productive_seconds": round(self.productive_seconds, 3),
             "ratio": round(self.ratio, 4),
             "badput_seconds": {k.value: round(v, 3) for k, v in self.badput_seconds.items()},
+            "rates": {k: round(v, 4) for k, v in self.rates.items()},
         }
 
 
@@ -209,7 +218,15 @@ class Ledger:
                 wall_seconds=self._at - self._started,
                 productive_seconds=sum(self._lineage.values()) + self._pending,
                 badput_seconds=dict(self._badput),
+                rates={} if self._stopped is not None else self._rates(),
             )
+
+    def _rates(self) -> dict[str, float]:
+        if self._activity not in _TRAINING_LIKE:
+            return {_BADPUT_OF[self._activity].value: 1.0}
+        degraded = (self._max_nodes - self._nodes) / self._max_nodes
+        rates = {PRODUCTIVE: 1.0 - degraded, Badput.DEGRADED.value: degraded}
+        return {k: v for k, v in rates.items() if v > 0}
 
     # ----------------------------------------------------------------- attribution
     def _close(self, now: float) -> None:

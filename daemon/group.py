@@ -532,10 +532,17 @@ class _Publisher:
         self._run_published, self._run_published_at = key, now
 
 
+def _goodput_rates(record: Mapping[str, Any]) -> Any:
+    goodput = record.get("goodput")
+    return goodput.get("rates") if isinstance(goodput, Mapping) else None
+
+
 def _worth_writing(published: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
     """Does ``record`` differ from ``published`` in a way other nodes act on?"""
     if any(published.get(f) != record.get(f) for f in MEMBERSHIP_FIELDS):
         return True
+    if _goodput_rates(published) != _goodput_rates(record):
+        return True  # readers extrapolate the goodput with the rates: a new trend is news
     before, after = published.get(STATUS_KEY), record.get(STATUS_KEY)
     if not isinstance(after, (int, float)) or after <= 0:
         return False

@@ -37,6 +37,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"elasticctl: no status for run {args.target.run_id!r}", file=sys.stderr)
         return EXIT_FAILED
     status["members"] = _members(status, store.members())
-    per_node_goodput = goodput.member_ledgers(status.get("members") or {})
+    per_node_goodput = goodput.member_ledgers(status.get("members") or {}, now_unix=time.time())
+    for node, ledger in per_node_goodput.items():  # as of now, not of each node's last write
+        status["members"][node]["goodput"] = ledger
     if per_node_goodput:
         status["goodput"] = goodput.combine(per_node_goodput.values())
     if args.json:

@@ -243,3 +243,17 @@ def test_metrics_export_the_ledger_and_badput_counters_only_grow() -> None:
     assert sample("elasticd_goodput_wall_seconds") == 12.0
     assert sample("elasticd_goodput_productive_seconds") == 7.0
     assert sample("elasticd_badput_seconds_total", kind="recompute") == pytest.approx(5.0)
+
+
+def test_rates_say_where_time_goes_from_now_and_end_with_the_ledger() -> None:
+    book = ledger(max_nodes=4)
+    book.start_round(T0, nodes=3)
+    assert book.summary(T0).rates == {"startup": 1.0}
+    book.observe(T0 + 1, Activity.TRAINING)
+    assert book.summary(T0 + 1).rates == {"productive": 0.75, "degraded": 0.25}
+    book.observe(T0 + 2, Activity.CHECKPOINT_BLOCKING)  # brief: still the training trend
+    assert book.summary(T0 + 2).rates == {"productive": 0.75, "degraded": 0.25}
+    book.observe(T0 + 3, Activity.PAUSED)
+    assert book.summary(T0 + 3).to_json()["rates"] == {"paused": 1.0}
+    book.stop(T0 + 4)
+    assert book.summary(T0 + 5).rates == {}

@@ -230,6 +230,36 @@ def test_running_nodes_write_their_record_only_when_it_changes(groups: GroupFact
     assert writes == [a.keys.node("a")]  # the failure, nothing for the ticks
 
 
+def test_a_new_goodput_trend_is_written_once_and_its_growth_is_not(groups: GroupFactory) -> None:
+    a = groups("a")
+    join_all([a])
+    active(a, 1)
+
+    def status(paused_seconds: float, rates: dict[str, float]) -> dict[str, Any]:
+        ledger = {"badput_seconds": {"paused": paused_seconds}, "rates": rates}
+        return {"node": "a", "state": "running", "goodput": ledger}
+
+    a.set_status(status(0.0, {"productive": 1.0}))
+    a.set_status(status(0.0, {"paused": 1.0}))
+    wait_for(
+        lambda: a.view.snapshot.nodes["a"].get("goodput", {}).get("rates") == {"paused": 1.0},
+        timeout_seconds=WAIT_SECONDS,
+        what="the paused trend published",
+    )
+    _, before = a.kv.get_prefix(a.keys.nodes)
+    for seconds in range(1, 20):  # the paused bucket grows: readers extrapolate it
+        a.set_status(status(float(seconds), {"paused": 1.0}))
+    a.set_status(status(20.0, {"productive": 1.0}))
+    wait_for(
+        lambda: a.view.snapshot.nodes["a"]["goodput"]["rates"] == {"productive": 1.0},
+        timeout_seconds=WAIT_SECONDS,
+        what="the training trend published",
+    )
+    _, after = a.kv.get_prefix(a.keys.nodes)
+    assert after == before + 1
+    assert a.view.snapshot.nodes["a"]["goodput"]["badput_seconds"] == {"paused": 20.0}
+
+
 def test_a_restarted_daemon_never_takes_a_round_from_before_it_started(
     groups: GroupFactory,
 ) -> None:

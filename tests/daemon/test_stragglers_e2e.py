@@ -4,6 +4,7 @@ with ``stragglers.drain`` it leaves while the other two train on."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ def test_only_the_slow_node_is_flagged_after_the_window_and_cleared_when_it_reco
         demo_corpus,
         etcd_server.endpoint,
         run_id="straggler",
-        train={"steps": 90},
+        # The run outlasts the scenario whatever the machine's speed (the flag clears a window
+        # after the fault's last step): the test ends it with a drain once it has seen that.
+        train={"steps": 5000},
         stragglers=STRAGGLERS,
         faults=[
             {
@@ -97,8 +100,10 @@ def test_only_the_slow_node_is_flagged_after_the_window_and_cleared_when_it_reco
             timeout_seconds=120,
             what="the straggler flag clearing after the fault's last step",
         )[0]
+        steps_before_drain = merged_steps(*group)
         for d in group:
-            assert d.wait(timeout_seconds=300) == 0
+            d.signal(signal.SIGTERM)
+        assert [d.wait(timeout_seconds=120) for d in group] == [0, 0, 0]
     delay = flagged["ts"] - fault_start_ts(slow)
     fault_end_ts = next(
         r["ts"] for r in merged_steps(*group) if r["step"] == SLOW_STEP + slow_steps
@@ -110,7 +115,7 @@ def test_only_the_slow_node_is_flagged_after_the_window_and_cleared_when_it_reco
     assert flagged["reference_seconds"] > 0 and flagged["drain"] is False
     assert cleared["ts"] > fault_end_ts - 1.0
     assert all(not d.events("straggler") for d in others)
-    assert [r["world_size"] for r in merged_steps(*group)] == [3] * 90
+    assert {r["world_size"] for r in steps_before_drain} == {3}
     print(
         f"straggler detection delay (fault start -> event): {delay:.2f} s; "
         f"cleared {cleared['ts'] - fault_end_ts:.2f} s after the fault's last step; "

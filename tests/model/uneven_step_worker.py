@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 import elastic.worker
 from elastic.protocol import ExitCode
+from elastic.worker.dist import exit_now
 from model.config import resolve
 from model.train import Trainer, run_config
 
@@ -45,4 +46,4 @@ def main(config: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    exit_now(main(sys.argv[1], sys.argv[2]))  # no gloo teardown racing the peers' exits

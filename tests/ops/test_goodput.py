@@ -67,3 +67,16 @@ def test_report_keeps_each_nodes_newest_goodput_line(tmp_path: Path) -> None:
     log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     history = read_history([str(log)])
     assert history.goodput["a"]["ratio"] == 0.8
+
+
+def test_a_published_ledger_is_advanced_to_now_with_its_rates() -> None:
+    published = {**NODE_A, "as_of_unix": 1000.0, "rates": {"paused": 1.0}}
+    now = goodput.advance(published, 1010.0)
+    assert now["wall_seconds"] == 110.0 and now["productive_seconds"] == 80.0
+    assert now["badput_seconds"]["paused"] == 15.0 and now["ratio"] == round(80 / 110, 4)
+    training = goodput.advance({**published, "rates": {"productive": 0.5, "degraded": 0.5}}, 1010)
+    assert training["productive_seconds"] == 85.0 and training["badput_seconds"]["degraded"] == 5.0
+    assert goodput.advance(published, 990.0)["wall_seconds"] == 100.0  # clock skew: never back
+    assert goodput.advance(NODE_A, 2000.0) == NODE_A  # no stamp (an older daemon): as it is
+    stopped = {**published, "rates": {}}
+    assert goodput.member_ledgers({"a": {"goodput": stopped}}, now_unix=2000.0)["a"] == stopped
