@@ -29,6 +29,7 @@ BENCHMARKS = (
     "overhead",
     "rendezvous",
     "membership",
+    "membership_scale",
     "goodput",  # last: a simulation fed with the costs the others measure
 )
 

@@ -78,8 +78,30 @@ def test_list_names_every_benchmark() -> None:
         "overhead",
         "rendezvous",
         "membership",
+        "membership_scale",
         "goodput",
     ]
+
+
+def test_membership_scale_bench_at_sixteen_asyncio_participants_reports_round_writes_and_loss(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "membership_scale.json"
+    args = ["--sizes", "16", "--loss-size", "16", "--loss-ttl", "2", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.membership_scale", *args],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size = json.loads(out.read_text())["sizes"]["16"]
+    assert size["participants"] == 16 and size["writes"] == 16 + 2, size
+    assert 0 <= size["last_put_to_close_seconds"] <= size["round_seconds"]
+    assert size["loss"]["watchers"] == 15 and size["loss"]["max_minus_ttl_seconds"] >= 0
+    assert "| round of 1,024 (last join put" in proc.stdout  # the targets table
 
 
 def test_membership_bench_at_eight_participants_reports_rounds_writes_loss_and_idle(
