@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the daemon forks a worker per local rank every round.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    from daemon.config import resolve
+    from daemon.config import resolve, security_warnings
     from daemon.supervisor import Supervisor
 
     try:
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     jsonlog.configure(run_id=config.run_id)
+    for line in security_warnings(config):
+        jsonlog.get("daemon.cli").warning("config_warning", detail=line)
     return Supervisor(config, document, node_id=args.node_id, environ=dict(os.environ)).run()
 
 

@@ -8,6 +8,12 @@ the daemon, which never imports ``model``, validates them by running
 ``python -m model.config --check`` on the resolved document; for any other command it checks
 only that the command can start (the script or program exists). The resolved document goes to
 the run directory for the workers.
+
+Secrets: :data:`SECRETS` is the one list of keys whose values are secret. None of them goes
+into a fingerprint (:mod:`daemon.identity`) or etcd. ``config.resolved.yaml`` is the workers'
+whole config (they get no ``ELASTICD_*`` environment), so it keeps the storage credentials they
+need; it is created mode 0600 and its first line says it holds secrets. ``etcd.password``, which
+only the daemon uses, is written as ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +43,36 @@ from elastic.protocol import Env
 from elastic.rendezvous import EtcdConfig
 
 RESOLVED_NAME = "config.resolved.yaml"
+RESOLVED_MODE = 0o600  # it holds the storage credentials the workers need
+REDACTED = "<redacted>"
 DEFAULT_COMMAND = ("{python}", "-P", "-m", "model.train", "--config", "{config}")
 PLACEHOLDERS = frozenset({"python", "config"})
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PYTHON_NAMES = frozenset({"{python}", "python", "python3"})
 _PYTHON_FLAGS_WITH_ARG = frozenset({"-X", "-W"})
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A config key whose value is secret (a mapping key: every value under it)."""
+
+    key: str  # dotted path
+    in_resolved_file: bool  # config.resolved.yaml keeps it (else: written as REDACTED)
+
+
+# The one list of secret keys. A key naming a file that holds a secret (etcd.tls_key) is not
+# one: the path reveals nothing and the file keeps its own permissions.
+SECRETS: tuple[Secret, ...] = (
+    # Only the daemon talks to etcd; usually set from a Kubernetes Secret through
+    # ELASTICD_ETCD__PASSWORD, so writing it would copy it onto a volume.
+    Secret("etcd.password", in_resolved_file=False),
+    # The workers read these from the file (they get no ELASTICD_* environment).
+    Secret("checkpoint.storage_options", in_resolved_file=True),  # fsspec key/secret/token
+    Secret("data.storage_options", in_resolved_file=True),
+    # The record of what the workers' environment got (tokens for the loop); settable only in
+    # the YAML or with --set, never through the environment, so already in the user's file.
+    Secret("worker.env", in_resolved_file=True),
+)
 
 
 # A round record lists every participant in one etcd value: with names of ~20 characters
@@ -268,13 +299,80 @@ def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -
 
 
 def write_resolved(config: DaemonConfig, document: Mapping[str, Any]) -> Path:
-    """Write the resolved document (what every worker reads) into the run directory."""
+    """Write the resolved document (what every worker reads) into the run directory: mode 0600
+    from its creation, the daemon-only secrets redacted (module docstring)."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = dict(document)
     typed = to_dict(config)
     resolved.update({k: v for k, v in typed.items() if k not in ("model", "data", "train")})
+    resolved = redacted(resolved, [s.key for s in SECRETS if not s.in_resolved_file])
+    text = resolved_header() + yaml.safe_dump(resolved, sort_keys=False)
     path = run_dir / RESOLVED_NAME
     # Daemons that share a run directory (tests, a shared volume) each write it whole.
-    replace_file(path, yaml.safe_dump(resolved, sort_keys=False).encode())
+    replace_file(path, text.encode(), mode=RESOLVED_MODE)
     return path
+
+
+def resolved_header() -> str:
+    """The comment that opens config.resolved.yaml: who may read it, and why."""
+    kept = ", ".join(s.key for s in SECRETS if s.in_resolved_file)
+    gone = ", ".join(s.key for s in SECRETS if not s.in_resolved_file)
+    return (
+        f"# SECRETS: mode {RESOLVED_MODE:o}, owner only. elasticd's resolved job config for its "
+        f"workers; it holds {kept} as given.\n"
+        f"# {gone}: written as {REDACTED} (only the daemon uses it).\n"
+    )
+
+
+def without_secrets(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``document`` without the :data:`SECRETS` keys (what fingerprints hash)."""
+    out = dict(document)
+    for secret in SECRETS:
+        out = _at(out, secret.key.split("."), lambda parent, leaf: parent.pop(leaf, None))
+    return out
+
+
+def redacted(document: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``document`` with the values at ``keys`` (every value under a mapping there)
+    replaced by :data:`REDACTED`; absent and ``None`` values stay as they are."""
+
+    def redact(parent: dict[str, Any], leaf: str) -> None:
+        if parent.get(leaf) is not None:
+            parent[leaf] = _redact_value(parent[leaf])
+
+    out = dict(document)
+    for key in keys:
+        out = _at(out, key.split("."), redact)
+    return out
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items()}
+    return REDACTED
+
+
+def _at(
+    document: dict[str, Any], parts: Sequence[str], edit: Callable[[dict[str, Any], str], object]
+) -> dict[str, Any]:
+    """``document`` with ``edit(parent, leaf)`` applied to copies along ``parts``; mappings
+    not on the path are shared, not copied (the caller's document is never changed)."""
+    head, rest = parts[0], parts[1:]
+    out = dict(document)
+    if not rest:
+        edit(out, head)
+    elif isinstance(out.get(head), Mapping):
+        out[head] = _at(dict(out[head]), rest, edit)
+    return out
+
+
+def security_warnings(config: DaemonConfig) -> tuple[str, ...]:
+    """Lines the daemon logs once at start: settings that are allowed but weaken security."""
+    etcd = config.etcd
+    if etcd.allow_insecure_auth and etcd.insecure_auth:
+        return (
+            f"etcd.allow_insecure_auth=true: etcd user/password go to "
+            f"{', '.join(etcd.plaintext_endpoints)} without TLS",
+        )
+    return ()

@@ -13,8 +13,10 @@ and ``checkpoint`` without ``storage_options``. Left out, on purpose:
   ``elasticctl scale`` without touching any file), ``metrics``, ``run_dir``, ``etcd``,
   ``worker.env`` and ``worker.cwd`` (interfaces and paths may differ between node types),
   ``watchdog``, ``drain``, and ``faults`` (drills target one node's ranks);
-- secrets: ``checkpoint.storage_options`` (S3 keys), the ``etcd`` credentials, ``worker.env``.
-  A hash of a low-entropy secret can be brute-forced offline: none goes into etcd, even hashed.
+- secrets: every key of :data:`daemon.config.SECRETS` is removed before hashing, wherever it
+  sits (``data.storage_options`` inside the covered ``data`` section too). A hash of a
+  low-entropy secret can be brute-forced offline: none goes into etcd, even hashed, and a
+  changed password or rotated key does not make a node look like another job.
 
 The node-id check (a live lease holds the id) is :class:`elastic.rendezvous.NodeIdTaken`.
 """
@@ -25,6 +27,8 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from daemon.config import without_secrets
 
 FINGERPRINT_KEY = "config_fingerprint"  # the field in each node's published status
 # (section, keys or None for the whole section): what defines the job.
@@ -42,14 +46,19 @@ COVERED: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 
 def fingerprint(document: Mapping[str, Any]) -> str:
     """sha256 (hex, first 16 digits) of the covered part of the resolved document."""
+    return hashlib.sha256(canonical(document).encode()).hexdigest()[:16]
+
+
+def canonical(document: Mapping[str, Any]) -> str:
+    """The text :func:`fingerprint` hashes: the covered keys, secrets removed, as JSON."""
+    public = without_secrets(document)
     covered: dict[str, Any] = {}
     for section, keys in COVERED:
-        value = document.get(section)
+        value = public.get(section)
         if keys is not None and isinstance(value, Mapping):
             value = {k: value[k] for k in keys if k in value}
         covered[section] = value
-    canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return json.dumps(covered, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def mismatch(own: str, members: Mapping[str, Mapping[str, Any]]) -> str | None:

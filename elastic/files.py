@@ -16,8 +16,12 @@ from pathlib import Path
 __all__ = ["replace_file"]
 
 
-def replace_file(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> None:
-    """Put ``data`` at ``path`` in one step, creating the parent directory if needed.
+def replace_file(
+    path: str | os.PathLike[str], data: bytes, *, durable: bool = False, mode: int = 0o644
+) -> None:
+    """Put ``data`` at ``path`` in one step, creating the parent directory if needed. The
+    temporary file is created with ``mode`` (0o600: never readable by others, not even for a
+    moment), so the target has it from the start.
 
     On failure the target keeps its old content and the temporary file is removed.
     """
@@ -26,7 +30,7 @@ def replace_file(path: str | os.PathLike[str], data: bytes, *, durable: bool = F
     # pid + random: daemons sharing a directory, and threads of one process, never share it.
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             view = memoryview(data)
             while view:

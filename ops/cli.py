@@ -10,10 +10,12 @@
     checkpoints [--url URL] [--verify]
                                      committed checkpoints, known-good flags, file checks
                                      (storage only: with --url or --config, no etcd needed)
-    scale --min N --max M            new node bounds; the group re-forms at a step boundary
+    scale --min N --max M            new node bounds (1 <= N <= M <= 65536); the group
+                                     re-forms at a step boundary
     pause | resume                   hold training at the next step boundary / go on
-    rewind --to-step N               rewind to the committed checkpoint of step N (a diverged
-                                     run restarts from it)
+    rewind --to-step N               rewind to the committed known-good checkpoint of step N
+                                     (a diverged run restarts from it); the checkpoints are
+                                     read from --config's storage, else the run status's URL
     report --log FILE... --out PNG   loss and grad norm over steps, with events marked
 
 Where the run is: ``--config`` reads the job's config file as the daemon does (its ``run_id``
@@ -26,23 +28,27 @@ password is never a flag (it would show in the process list): ``etcd.password`` 
 ``ELASTICD_ETCD__PASSWORD``.
 
 Control requests are written to the run's control key in etcd, which every daemon watches;
-they take effect at the next step boundary. Bad usage: one line on stderr, exit code 2.
+they take effect at the next step boundary. Each is also recorded in the run's event log as a
+``control_request`` event with who asked (``by``: user@host). Bad usage: one line on stderr,
+exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import os
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.config import DaemonConfig
+from daemon.config import MAX_NODES, DaemonConfig
 from daemon.embedded_etcd import published_endpoint
 from elastic.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
 from elastic.config import build, check_name, layered
@@ -136,12 +142,21 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
     """Run id, etcd settings and (with --config) the checkpoint config: the config file and
     environment as the daemon reads them, then the flags. A ConfigError (a ValueError) names
     the key and value."""
-    job = build(DaemonConfig, layered(args.config, environ=environ))
+    document = layered(args.config, environ=environ)
+    etcd_doc = dict(document.get("etcd") or {})
+    if args.etcd is not None:  # endpoints and user are validated together with the file's
+        etcd_doc["endpoints"] = [e.strip() for e in args.etcd.split(",") if e.strip()]
+    if args.user is not None:
+        if etcd_doc.get("password") is None:
+            raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
+        etcd_doc["user"] = args.user
+    document["etcd"] = etcd_doc
+    job = build(DaemonConfig, document)
     run_id = job.run_id if args.run_id is None else args.run_id
     check_name("--run-id", run_id)
     flags = _etcd_flags(args)
     no_etcd = None
-    if not (args.etcd or job.etcd.endpoints):  # the daemon runs an embedded etcd, if any
+    if not job.etcd.endpoints:  # the daemon runs an embedded etcd, if any
         embedded = published_endpoint(Path(job.run_dir))
         if embedded is None and args.config is not None:
             no_etcd = (
@@ -149,8 +164,6 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
                 f"(no endpoint file under run_dir={job.run_dir!r}); start elasticd first"
             )
         flags["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
-    if args.user is not None and job.etcd.password is None:
-        raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
     etcd = dataclasses.replace(job.etcd, **{k: v for k, v in flags.items() if v is not None})
     checkpoint = job.checkpoint if args.config is not None else None
     return Target(run_id, etcd, checkpoint, no_etcd)
@@ -158,16 +171,12 @@ def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
 
 def _etcd_flags(args: argparse.Namespace) -> dict[str, Any]:
     """EtcdConfig fields given on the command line (None: not given)."""
-    flags: dict[str, Any] = {
+    return {
         "key_prefix": args.key_prefix,
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
-        "user": args.user,
     }
-    if args.etcd is not None:
-        flags["endpoints"] = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
-    return flags
 
 
 def _store(args: argparse.Namespace) -> RunStore:
@@ -271,16 +280,21 @@ def cmd_events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_checkpoints(args: argparse.Namespace) -> int:
-    """Reads storage only: with --url or --config it needs no etcd (a finished run, an outage)."""
+def _checkpoints(args: argparse.Namespace, url: str | None = None) -> CheckpointManager:
+    """The run's checkpoints: at ``url``, else the job's (--config), else the run status's."""
     run: Target = args.target
-    config = CheckpointConfig(url=args.url) if args.url else run.checkpoint
+    config = CheckpointConfig(url=url) if url else run.checkpoint
     if config is None:
         url = (_store(args).get_status() or {}).get("checkpoint_url")
         if not url:
             raise ValueError("--url: not given and the run status has no checkpoint_url")
         config = CheckpointConfig(url=url)
-    manager = CheckpointManager(config, run_id=run.run_id, rank=0, world_size=1)
+    return CheckpointManager(config, run_id=run.run_id, rank=0, world_size=1)
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """Reads storage only: with --url or --config it needs no etcd (a finished run, an outage)."""
+    manager = _checkpoints(args, args.url)
     listed = [(m, manager.verify(m) if args.verify else []) for m in manager.list()]
     if args.json:
         print(json.dumps([_checkpoint_json(m, problems) for m, problems in listed], indent=2))
@@ -309,32 +323,64 @@ def _checkpoint_json(manifest: Any, problems: list[str]) -> dict[str, Any]:
     }
 
 
-def cmd_scale(args: argparse.Namespace) -> int:
-    if not 1 <= args.min_nodes <= args.max_nodes:
-        raise ValueError(f"--min={args.min_nodes} --max={args.max_nodes}: need 1 <= min <= max")
-    doc = _store(args).put_control(
-        {"scale": {"min_nodes": args.min_nodes, "max_nodes": args.max_nodes}}
+def requester(environ: Mapping[str, str] = os.environ) -> str:
+    """``user@host`` of whoever runs elasticctl (recorded with every control request)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid), no env
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _control(args: argparse.Namespace, update: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a control request and record it, with who asked, in the run's event log."""
+    store = _store(args)
+    document = store.put_control(update)
+    store.append_event(
+        {
+            "event": "control_request",
+            "request": dict(update),
+            "control_seq": document["seq"],
+            "by": requester(),
+        }
     )
+    return document
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if not 1 <= args.min_nodes <= args.max_nodes <= MAX_NODES:
+        raise ValueError(
+            f"--min={args.min_nodes} --max={args.max_nodes}: need 1 <= min <= max <= {MAX_NODES}"
+        )
+    doc = _control(args, {"scale": {"min_nodes": args.min_nodes, "max_nodes": args.max_nodes}})
     print(f"scale requested: min {args.min_nodes}, max {args.max_nodes} (control seq {doc['seq']})")
     return EXIT_OK
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    _store(args).put_control({"paused": True})
+    _control(args, {"paused": True})
     print("pause requested: training holds at the next step boundary")
     return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    _store(args).put_control({"paused": None})
+    _control(args, {"paused": None})
     print("resume requested")
     return EXIT_OK
 
 
 def cmd_rewind(args: argparse.Namespace) -> int:
+    """Only to a committed, known-good checkpoint: anything else would fail on every node."""
     if args.to_step < 0:
         raise ValueError(f"--to-step={args.to_step}: must be >= 0")
-    _store(args).put_control({"rewind": {"to_step": args.to_step}})
+    known_good = [m.step for m in _checkpoints(args).list() if m.known_good]
+    if args.to_step not in known_good:
+        newest = ", ".join(str(s) for s in sorted(known_good)[-5:]) or "none"
+        raise ValueError(
+            f"--to-step={args.to_step}: no known-good checkpoint at that step "
+            f"(newest known-good steps: {newest})"
+        )
+    _control(args, {"rewind": {"to_step": args.to_step}})
     print(f"rewind to step {args.to_step} requested")
     return EXIT_OK
 

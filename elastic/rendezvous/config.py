@@ -3,6 +3,12 @@
 An empty ``endpoints`` tuple means "no external etcd": the daemon then starts an embedded one and
 fills the endpoint in. Endpoints are ``host:port`` or ``http(s)://host:port``; a ``https`` scheme
 or ``tls_ca`` turns TLS on, ``tls_cert``/``tls_key`` add a client certificate.
+
+etcd's user/password go to the server in the clear, and its auth token in every request's
+metadata: over an endpoint without TLS anyone on the path can replay them. A config with
+``user``/``password`` and an endpoint without TLS is therefore refused unless
+``allow_insecure_auth`` says so (the daemon then warns once at start). An empty ``endpoints``
+(the embedded etcd, plain HTTP on loopback and without users) takes no credentials at all.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class EtcdConfig:
     # etcd authentication (both or neither).
     user: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
+    # Accept user/password over an endpoint without TLS (they and the token travel readable).
+    allow_insecure_auth: bool = False
 
     def __post_init__(self) -> None:
         check(isinstance(self.endpoints, tuple), "endpoints", self.endpoints, "must be a list")
@@ -97,6 +105,26 @@ class EtcdConfig:
         check(paired, "tls_cert", self.tls_cert, "tls_cert and tls_key must be given together")
         paired = (self.user is None) == (self.password is None)
         check(paired, "user", self.user, "user and password must be given together")
+        self._check_auth_transport()
+
+    def _check_auth_transport(self) -> None:
+        if self.user is None:
+            return
+        check(
+            bool(self.endpoints),
+            "user",
+            self.user,
+            "needs etcd endpoints: the embedded etcd (endpoints: []) has no users",
+        )
+        plaintext = self.plaintext_endpoints
+        if plaintext and not self.allow_insecure_auth:
+            check(
+                False,
+                "allow_insecure_auth",
+                self.allow_insecure_auth,
+                f"user/password would go to {plaintext[0]!r} without TLS; "
+                "use https:// or tls_ca, or set allow_insecure_auth: true",
+            )
 
     @property
     def lease_ttl(self) -> int:
@@ -111,3 +139,18 @@ class EtcdConfig:
     def uses_tls(self) -> bool:
         schemes = {parse_endpoint(e).scheme for e in self.endpoints}
         return self.tls_ca is not None or self.tls_cert is not None or "https" in schemes
+
+    def secure(self, endpoint: Endpoint) -> bool:
+        """Whether the client talks TLS to ``endpoint``: ``https://``, or no scheme and TLS
+        configured (``tls_ca``/``tls_cert``, or another endpoint's ``https://``)."""
+        return endpoint.scheme == "https" or (endpoint.scheme is None and self.uses_tls)
+
+    @property
+    def plaintext_endpoints(self) -> tuple[str, ...]:
+        """The endpoints the client reaches without TLS."""
+        return tuple(e for e in self.endpoints if not self.secure(parse_endpoint(e)))
+
+    @property
+    def insecure_auth(self) -> bool:
+        """User/password go over an endpoint without TLS (only with ``allow_insecure_auth``)."""
+        return self.user is not None and bool(self.plaintext_endpoints)

@@ -10,8 +10,9 @@ registry calls ``handler_factory()`` and registers the result as the creator of 
 agent's node record: a killed agent is out of the group this long after its last keep-alive,
 default 10), ``ttl_seconds`` (lease TTL of the run's store keys and closed marker: an abandoned
 run's keys go this long after the last write, default 7200), ``connect_timeout_seconds``,
-``request_timeout_seconds``, ``tls_ca``, ``tls_cert``, ``tls_key``, ``user``, ``password``, and
-torch's ``join_timeout`` and ``last_call_timeout`` (seconds).
+``request_timeout_seconds``, ``tls_ca``, ``tls_cert``, ``tls_key``, ``user``, ``password``,
+``allow_insecure_auth`` (``true``: accept user/password without TLS), and torch's
+``join_timeout`` and ``last_call_timeout`` (seconds).
 
 Accepted and ignored, so that existing command lines keep working: torchrun's generic
 ``timeout`` (as torch's c10d backend) and the knobs of torch's heartbeat algorithm, which this
@@ -46,6 +47,7 @@ CONNECTION_OPTIONS = {
     "tls_key": "tls_key",
     "user": "user",
     "password": "password",
+    "allow_insecure_auth": "allow_insecure_auth",
 }
 TIMEOUT_OPTIONS = {
     "join_timeout": ("join_timeout_seconds", 600.0),
@@ -76,6 +78,13 @@ def _number(key: str, value: Any) -> float:
         raise ValueError(f"rdzv_conf {key}={value!r}: must be a number") from None
 
 
+def _flag(key: str, value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("true", "1", "false", "0"):
+        raise ValueError(f"rdzv_conf {key}={value!r}: must be true or false")
+    return text in ("true", "1")
+
+
 def config_from_params(params: RendezvousParameters) -> EtcdConfig:
     """``EtcdConfig`` from ``--rdzv-endpoint`` (comma separated) and ``--rdzv-conf``."""
     known = set(CONNECTION_OPTIONS) | set(TIMEOUT_OPTIONS) | IGNORED_OPTIONS
@@ -92,7 +101,11 @@ def config_from_params(params: RendezvousParameters) -> EtcdConfig:
     for option, field in CONNECTION_OPTIONS.items():
         if option in params.config:
             value = params.config[option]
-            mapping[field] = _number(option, value) if field in _FLOAT_FIELDS else value
+            if field in _FLOAT_FIELDS:
+                value = _number(option, value)
+            elif field == "allow_insecure_auth":
+                value = _flag(option, value)
+            mapping[field] = value
     try:
         return build(EtcdConfig, mapping, path="rdzv_conf.")
     except ConfigError as exc:

@@ -45,7 +45,7 @@ def _volumes(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_ci_values_cover_each_supported_variant() -> None:
-    assert set(CI) == {"cpu", "external-etcd-tls", "monitoring", "s3"}
+    assert set(CI) == {"cpu", "etcd-existing-tls", "external-etcd-tls", "monitoring", "s3"}
 
 
 @pytest.mark.parametrize(("variant", "values"), VARIANTS, ids=VARIANT_IDS)
@@ -289,10 +289,10 @@ def test_every_etcd_member_is_in_the_initial_cluster_and_in_the_daemon_endpoints
     flags = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
     domain = f"{FULLNAME}-etcd-headless.{NAMESPACE}.svc.cluster.local"
     members = [f"{FULLNAME}-etcd-{i}" for i in range(3)]
-    assert flags["initial-cluster"] == ",".join(f"{m}=http://{m}.{domain}:2380" for m in members)
-    assert flags["advertise-client-urls"] == f"http://$(POD_NAME).{domain}:2379"
+    assert flags["initial-cluster"] == ",".join(f"{m}=https://{m}.{domain}:2380" for m in members)
+    assert flags["advertise-client-urls"] == f"https://$(POD_NAME).{domain}:2379"
     endpoints = config_document(docs)["etcd"]["endpoints"]
-    assert endpoints == [f"http://{m}.{domain}:2379" for m in members]
+    assert endpoints == [f"https://{m}.{domain}:2379" for m in members]
 
 
 def test_external_etcd_takes_tls_files_and_credentials_from_existing_secrets() -> None:

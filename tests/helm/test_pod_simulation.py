@@ -1,17 +1,25 @@
 """Pods of the rendered chart as local processes: they form a group and train, a third joins
 (scale up), one is told to leave with SIGTERM (scale down) and drains within the rendered grace
-period; a final SIGTERM to all (uninstall) drains the rest.
+period; a final SIGTERM to all (uninstall) drains the rest. The etcd they share is the chart's
+bundled one, locked down as rendered: TLS with client certificates from the chart's own CA, and
+clients without such a certificate are refused while the pods train.
 
-From the rendered StatefulSet we take the container's command, args and env, and the config
-file from the ConfigMap it mounts. A local etcd stands in for the chart's. What a pod gets from
+From the rendered StatefulSets we take the containers' command, args and env, the config file
+from the ConfigMap the elasticd pods mount, and the certificates from the Secrets the chart
+generates with helm's genCA/genSignedCert (used as rendered: no test PKI stands in for them).
+etcd runs as ``tests.helm.kubelet.EtcdPod`` describes. What an elasticd pod gets from
 Kubernetes is stood in for, and only that (``_standins``):
 
 - the downward API: metadata.name -> the pod name, status.podIP -> 127.0.0.1;
 - the ConfigMap volume: the mounted config file is written to a local file, and the args'
   path to it is replaced with the local one;
+- the etcd client certificate's Secret volume: its files are written to a local directory, and
+  ``ELASTICD_ETCD__TLS_CA``/``TLS_CERT``/``TLS_KEY`` move the config's paths under the mount
+  there;
 - the pod's own emptyDir and network namespace: ``ELASTICD_RUN_DIR`` and
   ``ELASTICD_METRICS__PORT``/``BIND`` (several pods share one host and loopback here);
-- the bundled etcd's DNS names: ``ELASTICD_ETCD__ENDPOINTS`` names the local etcd;
+- the bundled etcd's DNS names: ``ELASTICD_ETCD__ENDPOINTS`` names the local member, with the
+  rendered scheme;
 - the shared checkpoint volume: ``checkpoint.pvc.mountPath`` is a local directory.
 """
 
@@ -33,8 +41,10 @@ import pytest
 import yaml
 
 from daemon.ports import free_port
+from elastic.rendezvous import EtcdConfig, EtcdConnectionError, connect
 from tests.helm.chart import RELEASE, config_document, container, pod_spec, render
-from tests.support.etcd import EtcdServer
+from tests.helm.kubelet import EtcdPod, expand, write_volume
+from tests.support.etcd import make_tls_files
 from tests.support.procs import REPO, events, read_lines, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,6 +61,8 @@ def _values(tmp_path: Path, demo_corpus: Path) -> Path:
     values = {
         "replicas": 2,
         "nodes": {"min": 1, "max": 3},
+        # One member: the stand-in has one loopback. TLS and the NetworkPolicy as by default.
+        "etcd": {"bundled": {"replicas": 1}},
         "gpu": {"count": 0},
         "nprocPerNode": 1,
         "drain": {
@@ -114,7 +126,7 @@ class Pod:
 class Cluster:
     """Starts pods from the rendered manifests the way the kubelet would start the container."""
 
-    def __init__(self, docs: list[dict[str, Any]], *, tmp_path: Path, etcd: EtcdServer) -> None:
+    def __init__(self, docs: list[dict[str, Any]], *, tmp_path: Path, etcd: EtcdPod) -> None:
         self.container = container(docs)
         self.grace_seconds = int(pod_spec(docs)["terminationGracePeriodSeconds"])
         self.tmp_path = tmp_path
@@ -124,8 +136,10 @@ class Cluster:
         # The ConfigMap volume: its keys become files under the mount path.
         self.config_dir = tmp_path / "configmap"
         self.config_dir.mkdir()
-        document = config_document(docs)
-        (self.config_dir / "config.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+        self.document = config_document(docs)
+        text = yaml.safe_dump(self.document)
+        (self.config_dir / "config.yaml").write_text(text, encoding="utf-8")
+        self.etcd_tls = _etcd_tls_files(docs, self.document, tmp_path / "etcd-tls")
         self.pods: list[Pod] = []
 
     def _local(self, command: list[str]) -> list[str]:
@@ -151,12 +165,22 @@ class Cluster:
 
     def _standins(self, pod: str) -> dict[str, str]:
         run_dir = self.tmp_path / pod / "run"
-        return {
+        standins = {
             "ELASTICD_RUN_DIR": str(run_dir),
             "ELASTICD_METRICS__BIND": "127.0.0.1",
             "ELASTICD_METRICS__PORT": str(free_port()),
-            "ELASTICD_ETCD__ENDPOINTS": json.dumps([self.etcd.endpoint]),
+            "ELASTICD_ETCD__ENDPOINTS": json.dumps([self._etcd_endpoint()]),
         }
+        for key, path in self.etcd_tls.items():
+            standins[f"ELASTICD_ETCD__{key.upper()}"] = str(path)
+        return standins
+
+    def _etcd_endpoint(self) -> str:
+        """The local member, with the scheme the rendered endpoints use."""
+        (rendered,) = self.document["etcd"]["endpoints"]
+        scheme = rendered.split("://", 1)[0]
+        assert self.etcd.url.startswith(f"{scheme}://"), (rendered, self.etcd.url)
+        return self.etcd.url
 
     def _env(self, pod: str) -> dict[str, str]:
         """The container's env as the kubelet resolves it, on a minimal base environment."""
@@ -172,14 +196,14 @@ class Cluster:
             if "fieldRef" in item.get("valueFrom", {}):
                 env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
             else:
-                env[item["name"]] = _expand(item["value"], env)
+                env[item["name"]] = expand(item["value"], env)
         env.update(self._standins(pod))
         return env
 
     def start(self, ordinal: int) -> Pod:
         name = f"{FULLNAME}-{ordinal}"
         env = self._env(name)
-        args = [_expand(a, env) for a in self._args()]
+        args = [expand(a, env) for a in self._args()]
         log = self.tmp_path / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -207,16 +231,58 @@ class Cluster:
         return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.pods)
 
 
-def _expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in args and env values (unknown names stay as written)."""
-    for name, value in env.items():
-        text = text.replace(f"$({name})", value)
-    return text
+def _etcd_tls_files(
+    docs: list[dict[str, Any]], document: dict[str, Any], directory: Path
+) -> dict[str, Path]:
+    """The etcd client certificate's Secret volume, written to ``directory``: the config's
+    ``tls_ca``/``tls_cert``/``tls_key`` -> the local copy of the file each one names."""
+    spec = pod_spec(docs)
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    paths = {k: v for k, v in document["etcd"].items() if k in ("tls_ca", "tls_cert", "tls_key")}
+    if not paths:
+        return {}
+    mount = mounts["etcd-tls"].rstrip("/") + "/"
+    assert all(p.startswith(mount) for p in paths.values()), (paths, mount)
+    local = write_volume(docs, volumes["etcd-tls"], directory)
+    files = {key: local / path.removeprefix(mount) for key, path in paths.items()}
+    assert all(f.is_file() for f in files.values()), f"{paths} not all in the mounted Secret"
+    return files
+
+
+def _refusals(etcd: EtcdPod, *, ca: Path, tmp_path: Path) -> dict[str, str]:
+    """Clients without the chart's client certificate dial the rendered etcd: what each got."""
+    foreign = make_tls_files(tmp_path / "foreign-pki", common_name="intruder")
+    attempts: dict[str, dict[str, Any]] = {
+        "no client certificate": {"tls_ca": str(ca)},
+        "another CA's client certificate": {
+            "tls_ca": str(ca),
+            "tls_cert": foreign.client_cert,
+            "tls_key": foreign.client_key,
+        },
+        "plain HTTP": {"endpoints": (etcd.url.replace("https://", "http://", 1),)},
+    }
+    outcomes = {}
+    for what, fields in attempts.items():
+        config = EtcdConfig(**{"endpoints": (etcd.url,), "connect_timeout_seconds": 2.0, **fields})
+        try:
+            connect(config).close()
+            outcomes[what] = "connected"
+        except EtcdConnectionError as exc:
+            outcomes[what] = type(exc).__name__
+    return outcomes
+
+
+REFUSED = {
+    "no client certificate": "EtcdTlsError",
+    "another CA's client certificate": "EtcdTlsError",
+    "plain HTTP": "EtcdUnavailableError",  # a TLS-only listener closes the socket
+}
 
 
 @contextlib.contextmanager
 def _cluster(docs: list[dict[str, Any]], *, tmp_path: Path) -> Iterator[Cluster]:
-    etcd = EtcdServer(tmp_path / "etcd")
+    etcd = EtcdPod(docs, tmp_path / "etcd")
     etcd.start()
     cluster = Cluster(docs, tmp_path=tmp_path, etcd=etcd)
     try:
@@ -265,6 +331,45 @@ def _wait_exit(cluster: Cluster, pod: Pod, *, timeout_seconds: float) -> tuple[i
     return code, time.monotonic() - started
 
 
+def test_the_rendered_etcd_admits_the_charts_client_certificate_and_no_other_client(
+    tmp_path: Path,
+) -> None:
+    docs = render(sets=["etcd.bundled.replicas=1"])
+    etcd = EtcdPod(docs, tmp_path / "etcd").start()
+    try:
+        files = _etcd_tls_files(docs, config_document(docs), tmp_path / "etcd-tls")
+        assert set(files) == {"tls_ca", "tls_cert", "tls_key"}
+        tls = {key: str(path) for key, path in files.items()}
+        config = EtcdConfig(
+            endpoints=(etcd.url,),
+            tls_ca=tls["tls_ca"],
+            tls_cert=tls["tls_cert"],
+            tls_key=tls["tls_key"],
+        )
+        client = connect(config)
+        try:
+            client.put("/elasticd/probe", b"ok")
+            stored = client.get("/elasticd/probe")
+        finally:
+            client.close()
+        assert stored is not None and stored.value == b"ok"
+        assert _refusals(etcd, ca=files["tls_ca"], tmp_path=tmp_path) == REFUSED
+        assert "rejected connection" in etcd.log_tail(num_lines=200)
+    finally:
+        etcd.kill()
+
+
+def test_opting_out_serves_plain_http_to_any_client(tmp_path: Path) -> None:
+    docs = render(sets=["etcd.bundled.replicas=1", "etcd.bundled.tls.enabled=false"])
+    etcd = EtcdPod(docs, tmp_path / "etcd").start()
+    try:
+        assert etcd.url.startswith("http://")
+        assert _etcd_tls_files(docs, config_document(docs), tmp_path / "etcd-tls") == {}
+        connect(EtcdConfig(endpoints=(etcd.url,))).close()
+    finally:
+        etcd.kill()
+
+
 def test_rendered_pods_train_scale_up_and_drain_within_the_grace_period(
     tmp_path: Path, demo_corpus: Path
 ) -> None:
@@ -285,6 +390,13 @@ def test_rendered_pods_train_scale_up_and_drain_within_the_grace_period(
             what="elasticctl status in a pod: running at world size 2",
         )
         assert set(status["members"]) == {p.name for p in cluster.pods}
+
+        # While the pods train over TLS with the chart's client certificate, etcd turns away
+        # every client without one, and the pods go on training.
+        refused_at = time.time()
+        ca = cluster.etcd_tls["tls_ca"]
+        assert _refusals(cluster.etcd, ca=ca, tmp_path=tmp_path) == REFUSED
+        _wait_world_size(cluster, 2, after=refused_at, timeout_seconds=60)
 
         scaled_up = time.time()  # kubectl scale --replicas=3
         third = cluster.start(2)

@@ -125,6 +125,16 @@ def test_crd_check_rejects_a_bad_duration_and_a_rule_without_expr() -> None:
         (["--set", "config.trian.steps=5"], "/config", "'trian' not allowed"),
         (["--set", "config.worker.command=python train.py"], "/config/worker/command", "array"),
         (["--set-json", 'config.worker.env={"A":1}'], "/config/worker/env/A", "want string"),
+        (["--set", "etcd.bundled.tls.enabled=yes"], "/etcd/bundled/tls/enabled", "want boolean"),
+        (["--set", "etcd.bundled.tls.existingSecret=Etcd_TLS"], "/etcd/bundled/tls", "pattern"),
+        (["--set", "etcd.bundled.tls.validityDays=0"], "/etcd/bundled/tls/validityDays", ""),
+        (["--set", "etcd.bundled.tls.secretName=x"], "/etcd/bundled/tls", "'secretName' not"),
+        (["--set", "etcd.bundled.networkPolicy.allowAll=true"], "/etcd/bundled/networkPolicy", ""),
+        (
+            ["--set-json", 'etcd.bundled.networkPolicy.metricsFrom={"podSelector":{}}'],
+            "/etcd/bundled/networkPolicy/metricsFrom",
+            "want array",
+        ),
     ],
 )
 def test_the_schema_refuses_wrong_types_unknown_keys_and_bad_enums(
@@ -150,7 +160,7 @@ def test_values_schema_is_draft_07_with_required_keys_and_closed_objects() -> No
     values = yaml.safe_load(VALUES_TEXT)
 
     def walk(schema: dict[str, Any], value: Any, path: str) -> list[str]:
-        problems = []
+        problems: list[str] = []
         props = schema.get("properties")
         if props is None or not isinstance(value, dict):
             return problems

@@ -100,4 +100,6 @@ def test_elasticctl_reads_and_steers_a_running_group(
 def test_bad_usage_is_one_line_and_exit_2(etcd_server: EtcdServer) -> None:
     proc = ctl(etcd_server.endpoint, "ctl", "scale", "--min", "3", "--max", "1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["elasticctl: --min=3 --max=1: need 1 <= min <= max"]
+    assert proc.stderr.strip().splitlines() == [
+        "elasticctl: --min=3 --max=1: need 1 <= min <= max <= 65536"
+    ]

@@ -14,7 +14,7 @@ import torch
 from daemon.embedded_etcd import EmbeddedEtcd, etcd_dir, published_endpoint
 from elastic.checkpoint import CheckpointConfig, CheckpointManager
 from elastic.rendezvous import EtcdConfig, RunStore, connect
-from ops.cli import _parser, target
+from ops.cli import _parser, requester, target
 from tests.support.etcd import EtcdFactory, enable_auth, etcd_factory, make_tls_files
 from tests.support.procs import elasticctl, write_config
 
@@ -135,15 +135,33 @@ def test_user_and_password_come_from_the_environment_as_in_the_pod(
 ) -> None:
     server = etcd_factory()
     enable_auth(server, "s3cret")
-    root = EtcdConfig(endpoints=(server.endpoint,), user="root", password="s3cret")
+    # Plain http on loopback in this test: auth without TLS must be allowed explicitly.
+    root = EtcdConfig(
+        endpoints=(server.endpoint,), user="root", password="s3cret", allow_insecure_auth=True
+    )
     put_status(root, "auth-run", {"state": "running", "last_step": 41})
     job = write_config(
         tmp_path / "job.yaml", {"run_id": "auth-run", "etcd": {"endpoints": [server.endpoint]}}
     )
-    pod_env = {"ELASTICD_ETCD__USER": "root", "ELASTICD_ETCD__PASSWORD": "s3cret"}
+    insecure = {"ELASTICD_ETCD__ALLOW_INSECURE_AUTH": "true"}
+    pod_env = {"ELASTICD_ETCD__USER": "root", "ELASTICD_ETCD__PASSWORD": "s3cret", **insecure}
     proc = elasticctl("--config", str(job), "status", "--json", env=pod_env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["last_step"] == 41
+    # The documented form: the user as a flag, the password only in the environment.
+    flag = elasticctl(
+        "--etcd",
+        server.endpoint,
+        "--run-id",
+        "auth-run",
+        "--user",
+        "root",
+        "status",
+        "--json",
+        env={"ELASTICD_ETCD__PASSWORD": "s3cret", **insecure},
+    )
+    assert flag.returncode == 0, flag.stderr
+    assert json.loads(flag.stdout)["last_step"] == 41
 
     wrong = elasticctl(
         "--config", str(job), "status", env={**pod_env, "ELASTICD_ETCD__PASSWORD": "nope"}
@@ -191,3 +209,51 @@ def test_checkpoints_are_listed_from_the_job_config_with_no_etcd_running(tmp_pat
     # Everything else needs the run's etcd, which is not running.
     paused = elasticctl("--config", str(job), "pause")
     assert paused.returncode == 1 and "NoEmbeddedEtcd" in paused.stderr
+
+
+def test_control_commands_check_their_bounds_and_record_who_asked(
+    etcd_factory: EtcdFactory, tmp_path: Path
+) -> None:
+    server, ckpt = etcd_factory(), tmp_path / "ckpt"
+    job = write_config(
+        tmp_path / "job.yaml",
+        {
+            "run_id": "ctl",
+            "etcd": {"endpoints": [server.endpoint]},
+            "checkpoint": {"url": str(ckpt)},
+        },
+    )
+    manager = CheckpointManager(CheckpointConfig(url=str(ckpt)), run_id="ctl", rank=0, world_size=1)
+    for step in (10, 20):
+        manager.save(step, {"w": torch.full((4,), float(step))}, meta={})
+    manager.mark_known_good(10)
+    ctl = ["--config", str(job)]
+
+    refused = {
+        "scale": elasticctl(*ctl, "scale", "--min", "1", "--max", "1000000"),
+        "not known-good": elasticctl(*ctl, "rewind", "--to-step", "20"),
+        "no checkpoint": elasticctl(*ctl, "rewind", "--to-step", "123456789"),
+    }
+    for what, proc in refused.items():
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (what, proc.stderr)
+    assert "--max=1000000" in refused["scale"].stderr
+    assert "newest known-good steps: 10" in refused["not known-good"].stderr
+    assert "--to-step=123456789" in refused["no checkpoint"].stderr
+
+    assert elasticctl(*ctl, "rewind", "--to-step", "10").returncode == 0
+    assert elasticctl(*ctl, "scale", "--min", "1", "--max", "4").returncode == 0
+    client = connect(EtcdConfig(endpoints=(server.endpoint,)))
+    try:
+        store = RunStore(client, run_id="ctl")
+        control = store.get_control()
+        events = [e for e in store.events() if e["event"] == "control_request"]
+    finally:
+        client.close()
+    assert control["rewind"] == {"to_step": 10}
+    assert control["scale"] == {"min_nodes": 1, "max_nodes": 4}
+    assert [e["request"] for e in events] == [
+        {"rewind": {"to_step": 10}},
+        {"scale": {"min_nodes": 1, "max_nodes": 4}},
+    ]
+    assert all(e["by"] == requester() for e in events) and "@" in events[0]["by"]

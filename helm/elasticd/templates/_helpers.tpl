@@ -87,7 +87,73 @@ app.kubernetes.io/component: etcd
 {{- add (ceil .Values.drain.timeoutSeconds | int) (.Values.drain.graceMarginSeconds | int) -}}
 {{- end -}}
 
+{{/* Where the elasticd pods mount etcd's CA and their client certificate. */}}
 {{- define "elasticd.etcd.tlsDir" -}}/etc/elasticd-tls/etcd{{- end -}}
+
+{{/*
+Securing the bundled etcd (docs/kubernetes.md): "true" when it serves TLS and requires client
+certificates, "" otherwise (plain HTTP, or an external etcd).
+*/}}
+{{- define "elasticd.etcd.bundledTls" -}}
+{{- if and (eq .Values.etcd.mode "bundled") .Values.etcd.bundled.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "elasticd.etcd.scheme" -}}
+{{- if include "elasticd.etcd.bundledTls" . -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* Where the etcd pods mount their server (and peer) certificate. */}}
+{{- define "elasticd.etcd.serverTlsDir" -}}/etc/etcd/tls{{- end -}}
+
+{{/* The bundled etcd's certificate Secrets: the given ones, or those the chart generates. */}}
+{{- define "elasticd.etcd.serverTlsSecret" -}}
+{{- default (printf "%s-server-tls" (include "elasticd.etcd.fullname" .)) .Values.etcd.bundled.tls.existingSecret -}}
+{{- end -}}
+
+{{- define "elasticd.etcd.clientTlsSecret" -}}
+{{- default (printf "%s-client-tls" (include "elasticd.etcd.fullname" .)) .Values.etcd.bundled.tls.existingClientSecret -}}
+{{- end -}}
+
+{{/*
+The Secret the elasticd pods mount at elasticd.etcd.tlsDir, as JSON {secretName, caKey, certKey,
+keyKey} (certKey/keyKey empty: no client certificate), or {} for none: the bundled etcd's client
+certificate, or etcd.external.tls.
+*/}}
+{{- define "elasticd.etcd.clientTls" -}}
+{{- $etcd := .Values.etcd -}}
+{{- if include "elasticd.etcd.bundledTls" . -}}
+{{- toJson (dict "secretName" (include "elasticd.etcd.clientTlsSecret" .) "caKey" "ca.crt" "certKey" "tls.crt" "keyKey" "tls.key") -}}
+{{- else if and (eq $etcd.mode "external") $etcd.external.tls.secretName -}}
+{{- toJson $etcd.external.tls -}}
+{{- else -}}
+{{- toJson dict -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+DNS names of the bundled etcd's server certificate, as a JSON list: each member's name first
+(a connecting peer's certificate must name its address, and etcd checks the names in order),
+the members under a wildcard, both Services in every namespace form, and localhost.
+*/}}
+{{- define "elasticd.etcd.serverNames" -}}
+{{- $name := include "elasticd.etcd.fullname" . -}}
+{{- $headless := include "elasticd.etcd.headless" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $suffixes := list "" (printf ".%s" $ns) (printf ".%s.svc" $ns) (printf ".%s.svc.%s" $ns .Values.clusterDomain) -}}
+{{- $names := list -}}
+{{- range $i := until (.Values.etcd.bundled.replicas | int) -}}
+{{- $names = append $names (printf "%s-%d.%s%s" $name $i $headless (last $suffixes)) -}}
+{{- end -}}
+{{- range $suffix := rest $suffixes -}}
+{{- $names = append $names (printf "*.%s%s" $headless $suffix) -}}
+{{- end -}}
+{{- range $service := list $name $headless -}}
+{{- range $suffix := $suffixes -}}
+{{- $names = append $names (printf "%s%s" $service $suffix) -}}
+{{- end -}}
+{{- end -}}
+{{- append $names "localhost" | toJson -}}
+{{- end -}}
 
 {{/* The job config inside the pod: elasticd runs it, elasticctl --config reads it. */}}
 {{- define "elasticd.configDir" -}}/etc/elasticd{{- end -}}
@@ -100,7 +166,7 @@ app.kubernetes.io/component: etcd
 {{- $name := include "elasticd.etcd.fullname" . -}}
 {{- $domain := printf "%s.%s.svc.%s" (include "elasticd.etcd.headless" .) .Release.Namespace .Values.clusterDomain -}}
 {{- range $i := until (.Values.etcd.bundled.replicas | int) -}}
-{{- $endpoints = append $endpoints (printf "http://%s-%d.%s:2379" $name $i $domain) -}}
+{{- $endpoints = append $endpoints (printf "%s://%s-%d.%s:2379" (include "elasticd.etcd.scheme" $) $name $i $domain) -}}
 {{- end -}}
 {{- else -}}
 {{- $endpoints = .Values.etcd.external.endpoints -}}
@@ -122,8 +188,8 @@ the chart owns win; the schema rejects them inside `config`, so nothing is silen
 {{- $_ = set $doc "drain" (dict "timeout_seconds" $v.drain.timeoutSeconds) -}}
 {{- $_ = set $doc "metrics" (dict "bind" "0.0.0.0" "port" $v.metrics.port) -}}
 {{- $etcd := dict "endpoints" (include "elasticd.etcd.endpoints" . | fromJsonArray) -}}
-{{- if and (eq $v.etcd.mode "external") $v.etcd.external.tls.secretName -}}
-{{- $tls := $v.etcd.external.tls -}}
+{{- $tls := include "elasticd.etcd.clientTls" . | fromJson -}}
+{{- if $tls -}}
 {{- $dir := include "elasticd.etcd.tlsDir" . -}}
 {{- $_ = set $etcd "tls_ca" (printf "%s/%s" $dir $tls.caKey) -}}
 {{- if $tls.certKey -}}
@@ -174,6 +240,7 @@ the chart owns win; the schema rejects them inside `config`, so nothing is silen
 {{- fail "etcd.external.endpoints is set but etcd.mode=bundled: set etcd.mode=external" -}}
 {{- else -}}
 {{- include "elasticd.validate.etcdHistory" . -}}
+{{- include "elasticd.validate.etcdTls" . -}}
 {{- end -}}
 {{- if eq $v.checkpoint.storage "s3" -}}
 {{- if not (hasPrefix "s3://" $v.checkpoint.s3.url) -}}
@@ -220,5 +287,16 @@ follows rounds, not time: a round writes N joins + an open and a close record (N
 {{- $peak := mulf $rounds 768 (float64 $v.nodes.max) -}}
 {{- if gt $peak (float64 $e.quotaBackendBytes) -}}
 {{- fail (printf "nodes.max=%v with etcd.bundled.autoCompactionRetention=%s: a burst of rounds (one per 5 s) until compaction would write about %.2f GB ((retention + min(retention, 1h)) / 5 s x nodes.max x 768 B), over etcd.bundled.quotaBackendBytes=%v; shorten the retention or raise the quota (docs/kubernetes.md, etcd sizing)" $v.nodes.max $r (divf $peak 1e9) ($e.quotaBackendBytes | int64)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled etcd's certificates: both Secrets given, or neither (the chart's). */}}
+{{- define "elasticd.validate.etcdTls" -}}
+{{- $tls := .Values.etcd.bundled.tls -}}
+{{- if and (not $tls.enabled) (or $tls.existingSecret $tls.existingClientSecret) -}}
+{{- fail "etcd.bundled.tls.existingSecret/existingClientSecret are set but etcd.bundled.tls.enabled=false: the bundled etcd would serve plain HTTP" -}}
+{{- end -}}
+{{- if ne (empty $tls.existingSecret) (empty $tls.existingClientSecret) -}}
+{{- fail "etcd.bundled.tls.existingSecret and existingClientSecret must be given together (the server's certificate and the daemons' client certificate, from one CA), or both empty for the chart's own" -}}
 {{- end -}}
 {{- end -}}

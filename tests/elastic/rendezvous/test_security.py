@@ -50,8 +50,9 @@ def test_user_password_auth_is_enforced_and_survives_a_restart(
     server = etcd_factory()
     enable_auth(server, "s3cret")
     key = f"/test/{run_id}/k"
+    insecure = {"allow_insecure_auth": True}  # the test server speaks plain http
 
-    for wrong in ({"user": "root", "password": "nope"}, {}):
+    for wrong in ({"user": "root", "password": "nope", **insecure}, {}):
         with pytest.raises(EtcdAuthError, match=server.endpoint):
             refused = connect(etcd_config(server, **wrong))  # status needs no auth, put does
             try:
@@ -59,7 +60,7 @@ def test_user_password_auth_is_enforced_and_survives_a_restart(
             finally:
                 refused.close()
 
-    client = connect(etcd_config(server, user="root", password="s3cret"))
+    client = connect(etcd_config(server, user="root", password="s3cret", **insecure))
     try:
         client.put(key, b"before")
         server.restart()  # etcd forgets auth tokens; the client re-authenticates
