@@ -9,7 +9,9 @@ hand (one process).
 
 Step numbering: ``step`` is the global, persisted optimizer step; step ``s`` is the s-th update
 (1-based) and checkpoint ``step-<s>`` holds the state after it. The batch of step ``s`` is a pure
-function of (seed, stage, s, data ledger), so resuming at any world size is exact.
+function of (seed, stage, s, data ledger), so resuming at any world size is exact. The sample ids
+each rank trains on go to the run's data chain (``run.consumed``), and the sampler's description
+(:func:`mixture_description`) to every checkpoint, for ``elasticctl audit``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Trainer:
             betas=(train.beta1, train.beta2),
         )
         run.track(model=self.model, optim=self.optimizer)
+        run.audit_data(mixture_description(job, self.plan))
         run.startup["build_seconds"] = round(time.monotonic() - built, 3)
 
     def train(self) -> int:
@@ -82,7 +85,12 @@ class Trainer:
     def train_step(self, step: int) -> bool:
         """Forward, backward and (if the guard agrees) the update of ``step``."""
         info, train = self.run.info, self.job.train
-        micro_batches = self.plan.local(step)
+        plan = self.plan
+        micro_batches = plan.sampler.local_batch(
+            step, dp_rank=plan.dp_rank, dp_size=plan.dp_size, micro_batch_size=plan.micro_batch_size
+        )
+        # The ids that came with the windows: what this rank really trains on (the audit's).
+        self.run.consumed(step, [i for *_, ids in micro_batches for i in ids])
         poisoned = self.run.fault("poison_batch")
         self.optimizer.zero_grad(set_to_none=True)
         local_tokens = self.plan.local_tokens(step)  # ranks' slices may differ by one sample
@@ -91,10 +99,11 @@ class Trainer:
         # split (uneven slices and padding micro-batches included).
         scale = info.world_size / self.plan.global_tokens(step)
         ce_sum = torch.zeros((), device=info.device)
-        for index, (inputs, targets) in enumerate(micro_batches):
+        for index, (inputs, targets, _) in enumerate(micro_batches):
             if poisoned is not None:
                 inputs, targets = poison(inputs, targets, mode=poisoned.mode, step=step)
-            self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            last = index == len(micro_batches) - 1
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]  # FSDP2's
             logits, _ = self.model(inputs.to(info.device))  # (B, T, vocab)
             terms = self.model.loss_terms(logits, targets.to(info.device))
             (self.model.objective(terms, num_tokens=1) * scale).backward()
@@ -126,6 +135,18 @@ class Trainer:
         with self.run.phase(Phase.EVAL):
             losses = self.plan.evaluate(self.model, self.run.info.device)
         self.run.event(Event.EVAL, losses=losses)
+
+
+def mixture_description(job: JobConfig, plan: BatchPlan) -> dict[str, Any]:
+    """What rebuilds the sample ids of any step (:mod:`ops.audit`): an id is ``salt << 52 |
+    data_step << 20 | position`` (:mod:`model.mixture`) for positions below the batch size of
+    the step's stage; which window an id reads does not enter it."""
+    starts = sorted({0, *(stage.start_step for stage in job.data.stages)})
+    return {
+        "kind": "mixture",
+        "global_batch_tokens": plan.sampler.global_batch_tokens,
+        "stages": [[start, plan.sampler.seq_len_at(start)] for start in starts],
+    }
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -16,6 +16,10 @@
     rewind --to-step N               rewind to the committed known-good checkpoint of step N
                                      (a diverged run restarts from it); the checkpoints are
                                      read from --config's storage, else the run status's URL
+    audit [--url URL] [--json]       the samples each checkpoint's chain says the run consumed,
+                                     checked against the run's sampler across every restart,
+                                     resize and rewind (0 ok, 1 divergence: the first one is
+                                     printed, 2 nothing to audit; storage only, like checkpoints)
     report --log FILE... --out PNG   loss and grad norm over steps, with events marked
 
 Where the run is: ``--config`` reads the job's config file as the daemon does (its ``run_id``
@@ -115,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         help="rewind to a committed checkpoint; restarts a diverged run from it",
     )
     rewind.add_argument("--to-step", type=int, required=True)
+    audit = sub.add_parser(
+        "audit", help="check the data the run consumed against its sampler (docs/data.md)"
+    )
+    audit.add_argument(
+        "--url", default=None, help="checkpoint.url (default: from --config, else run status)"
+    )
+    audit.add_argument("--json", action="store_true")
     report = sub.add_parser("report")
     report.add_argument("--log", nargs="+", required=True, help="JSON-lines logs of the run")
     report.add_argument("--out", required=True, help="PNG file to write")
@@ -323,6 +334,15 @@ def _checkpoint_json(manifest: Any, problems: list[str]) -> dict[str, Any]:
     }
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Reads storage only (manifests as JSON, nothing unpickled): ``ops/audit.py``."""
+    from ops.audit import audit, format_text
+
+    result = audit(_checkpoints(args, args.url))
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_text(result))
+    return result.exit_code
+
+
 def requester(environ: Mapping[str, str] = os.environ) -> str:
     """``user@host`` of whoever runs elasticctl (recorded with every control request)."""
     try:
@@ -393,6 +413,7 @@ _COMMANDS = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "rewind": cmd_rewind,
+    "audit": cmd_audit,
 }
 
 

@@ -16,6 +16,11 @@ what all ranks agreed in ``report()``: a guard anomaly (skip, rewind, give up), 
 rewind, pause, drain. A rewind reloads every tracked object and moves ``step`` back: the next
 step ``steps()`` yields is the one after the rewind target, so everything the loop derives from
 ``step`` (its data, its schedule) replays. Exit codes follow :class:`elastic.protocol.ExitCode`.
+
+The run also keeps the data chain (:class:`~elastic.worker.ledger.DataChain`): the sample ids a
+rank drew for a step (``run.sampler()``'s sampler reports them, other loops call
+:meth:`Run.consumed`) ride in the step's vote, and every checkpoint carries the chain, so
+``elasticctl audit`` can check the data of the whole run (docs/data.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,7 @@ from elastic.worker.config import RunConfig
 from elastic.worker.control import ControlState
 from elastic.worker.dist import DistInfo, shutdown, sum_across_ranks
 from elastic.worker.drills import Drills
+from elastic.worker.ledger import DataChain, sample_sums
 from elastic.worker.recovery import Recovery, RunFiles
 from elastic.worker.sampler import ElasticSampler
 from elastic.worker.state import TrackedState
@@ -106,6 +112,8 @@ class Run:
         self._phase_seconds = 0.0  # of the current step, spent in run.phase(...)
         self._step_started = 0.0  # perf_counter() when the current step's body began
         self._compute_seconds: float | None = None  # of the current step, up to its vote
+        self.data_chain = DataChain()
+        self._drawn: dict[int, Sequence[int]] = {}  # step -> this rank's sample ids of it
 
     # ----------------------------------------------------------------- set-up
     def track(self, **objects: Any) -> None:
@@ -113,16 +121,37 @@ class Run:
         for name, obj in objects.items():
             self._state.add(name, obj)
 
-    def sampler(self, num_samples: int, *, global_batch_size: int, seed: int = 0) -> ElasticSampler:
-        """A sampler for a map-style dataset that follows this run's rewinds and world size."""
-        return ElasticSampler(
+    def sampler(
+        self, num_samples: int, *, global_batch_size: int, seed: int = 0, audit: bool = True
+    ) -> ElasticSampler:
+        """A sampler for a map-style dataset that follows this run's rewinds and world size.
+
+        With ``audit`` its local draws are the run's data record (:meth:`consumed`) and its
+        description goes into every checkpoint for ``elasticctl audit``; one such sampler per
+        run: pass ``audit=False`` for one whose samples are not trained on (evaluation)."""
+        sampler = ElasticSampler(
             num_samples,
             global_batch_size=global_batch_size,
             seed=seed,
             ledger=lambda: self.recovery.data,
             rank=self.info.rank,
             world_size=self.info.world_size,
+            on_draw=self.consumed if audit else None,
         )
+        if audit:
+            self.audit_data(sampler.describe())
+        return sampler
+
+    def audit_data(self, sampler: Mapping[str, Any]) -> None:
+        """Declare the pure sampler the run's data follows (JSON with a ``kind`` that
+        :mod:`ops.audit` rebuilds); ``run.sampler()`` does it for its sampler."""
+        self.data_chain.declare(sampler)
+
+    def consumed(self, step: int, sample_ids: Sequence[int]) -> None:
+        """This rank's sample ids of ``step``, all in one call (a second call for the step
+        replaces the first). No collective: they ride in the step's vote. Loops with their own
+        sampler call it before ``report()``; ``run.sampler()``'s sampler calls it itself."""
+        self._drawn[step] = list(sample_ids)
 
     def restore(self) -> int:
         """COLLECTIVE. Load the newest committed checkpoint into the tracked objects (resharded
@@ -172,12 +201,13 @@ class Run:
             self._current, self._outcome, self._phase_seconds = step, None, 0.0
             started = self._step_started = time.perf_counter()
             yield step
-            if self._outcome is None:
-                self._vote(step, loss=None)  # the control vote still has to happen
+            # A step whose body did not report still takes part in the control vote.
+            outcome = self._outcome if self._outcome is not None else self._vote(step, loss=None)
             # Time in a phase (eval) is not the step's: tokens_per_s measures training.
             duration = time.perf_counter() - started - self._phase_seconds
             self._current = None
             self.step = step
+            self.data_chain.advance(step, outcome.agreed.drawn)
             self._log_step(step, duration)
             self.channel.beat(
                 self.step, compute_seconds=self._compute_seconds, step_tokens=self._step_tokens()
@@ -240,6 +270,9 @@ class Run:
         self._compute_seconds = time.perf_counter() - self._step_started - self._phase_seconds
         self._control.take(self.channel.poll())
         c = self._control
+        drawn = self._drawn.pop(step, ())
+        for stale in [s for s in self._drawn if s < step]:  # drawn for steps a rewind dropped
+            del self._drawn[stale]
         vote = StepVote.of(
             loss=0.0 if loss is None else loss,
             tokens=tokens,
@@ -248,6 +281,7 @@ class Run:
             pause=c.pause,
             rewind_to=c.rewind_to,
             is_main=self.info.is_main,
+            drawn=sample_sums(step, drawn),
         )
         agreed = vote.agree(self.info.device)
         verdict = Verdict(Action.OK)
@@ -417,6 +451,9 @@ class Run:
         meta = self.recovery.meta(last_loss=self.last_loss)
         meta["fingerprint"] = self._fingerprints
         meta["reason"] = reason
+        chain = self.data_chain.meta()
+        if chain is not None:
+            meta["data_chain"] = chain
         try:
             self.ckpt.save(step, self._state.build(), meta=meta, background_staging=True)
         except CheckpointExists as exc:
@@ -429,6 +466,7 @@ class Run:
         finally:
             self.channel.beat(step, Phase.TRAIN)
         self.recovery.saved(step)
+        self.data_chain.saved()
 
     def _load(self, *, step: int | None) -> Any:
         state = self._state.build()
@@ -436,6 +474,8 @@ class Run:
         if manifest is not None:
             self._state.restore(state)
             self.step = manifest.step
+            self.data_chain.restore(manifest.meta.get("data_chain"), step=manifest.step)
+            self._drawn.clear()
         return manifest
 
     def _check_fingerprints(self, meta: Mapping[str, Any]) -> None:

@@ -15,11 +15,16 @@ stream of epochs, each a fresh permutation of ``range(len(dataset))`` keyed by
 distinct indices from a permutation keyed by ``(seed, d, salt)``: other samples, reproducibly.
 Permutations come from numpy's Philox (a counter-based generator, stable across releases);
 the last epoch's permutation is cached.
+
+A run's sampler reports each step's local draw (``on_draw``, called by :meth:`local_indices`
+and :meth:`local_micro_batches`, not by :meth:`global_indices`) to the run's data chain, and
+:meth:`describe` is what the audit (:mod:`ops.audit`) rebuilds it from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +33,7 @@ from elastic.worker.split import BatchSplit
 
 EPOCH_DOMAIN = 0  # SeedSequence key spaces: epoch permutations and reshuffled draws apart
 RESHUFFLE_DOMAIN = 1
+KIND = "elastic"  # describe()'s kind
 
 
 class ElasticSampler:
@@ -40,6 +46,7 @@ class ElasticSampler:
         ledger: Callable[[], DataLedger] = DataLedger,
         rank: int = 0,
         world_size: int = 1,
+        on_draw: Callable[[int, list[int]], None] | None = None,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples}: must be > 0")
@@ -60,6 +67,7 @@ class ElasticSampler:
         self.rank = rank
         self.world_size = world_size
         self._ledger = ledger
+        self._on_draw = on_draw  # (step, this rank's indices of it): the run's data chain
         self._epoch: tuple[int, np.ndarray] | None = None
 
     @property
@@ -82,7 +90,9 @@ class ElasticSampler:
         """This rank's contiguous share of :meth:`global_indices` (sizes differ by at most one
         across ranks: weigh each rank's loss by its sample or token count)."""
         share = self._split(1).rank_slice(self.rank)
-        return self.global_indices(step)[share.start : share.stop]
+        indices = self.global_indices(step)[share.start : share.stop]
+        self._drew(step, indices)
+        return indices
 
     def local_micro_batches(self, step: int, *, micro_batch_size: int) -> list[list[int]]:
         """:meth:`local_indices` as micro-batches of at most ``micro_batch_size``, the same
@@ -90,7 +100,35 @@ class ElasticSampler:
         forward and backward the loop still runs with zero weight."""
         indices = self.global_indices(step)
         slices = self._split(micro_batch_size).micro_slices(self.rank)
-        return [indices[part.start : part.stop] for part in slices]
+        micro = [indices[part.start : part.stop] for part in slices]
+        self._drew(step, [i for part in micro for i in part])
+        return micro
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds :meth:`global_indices` with a data ledger (JSON; no rank, no world
+        size: the global batch depends on neither)."""
+        return {
+            "kind": KIND,
+            "num_samples": self.num_samples,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_description(cls, described: dict[str, Any], *, ledger: DataLedger) -> ElasticSampler:
+        """The sampler :meth:`describe` describes, reading ``ledger`` (rank 0 of 1)."""
+        if described.get("kind") != KIND:
+            raise ValueError(f"sampler kind {described.get('kind')!r}: not {KIND!r}")
+        return cls(
+            int(described["num_samples"]),
+            global_batch_size=int(described["global_batch_size"]),
+            seed=int(described["seed"]),
+            ledger=lambda: ledger,
+        )
+
+    def _drew(self, step: int, indices: list[int]) -> None:
+        if self._on_draw is not None:
+            self._on_draw(step, indices)
 
     def _split(self, micro_batch_size: int) -> BatchSplit:
         return BatchSplit(self.global_batch_size, self.world_size, micro_batch_size)

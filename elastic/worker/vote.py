@@ -1,20 +1,32 @@
-"""The one per-step collective: every rank's loss, finiteness, grad norm and control requests,
-reduced together so that all ranks leave with the identical inputs to the guard.
+"""The one per-step collective: every rank's loss, finiteness, grad norm, control requests and
+drawn samples, reduced together so that all ranks leave with the identical inputs to the guard
+and the identical digest of the step's global batch (the data chain's, :mod:`elastic.worker.
+ledger`).
 
 Packed by name (:class:`StepVote` -> one float64 tensor -> :class:`AgreedStep`), not by
 position in the caller. Tensors stay on the device until the single ``tolist()`` at the end:
-the API's step path makes one device-to-host transfer per step, whatever the loop passes.
+the API's step path makes one device-to-host transfer per step, whatever the loop passes. The
+values that are always on the host (control flags, sample sums) travel to the device as one
+tensor.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from elastic.worker.ledger import NUM_LIMBS, StepDigest
+
 Number = torch.Tensor | float | int
+NO_SAMPLES = (0.0,) * (1 + NUM_LIMBS)  # sample count, then the limb sums
+PACKED = (
+    *("loss_sum", "weight", "nonfinite", "grad_norm", "drain", "pause", "rewind_plus_one"),
+    *(f"drawn.{i}" for i in range(len(NO_SAMPLES))),
+)
+MAYBE_TENSORS = 4  # loss_sum .. grad_norm: a tensor or a number, per rank
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class StepVote:
     drain: float
     pause: float
     rewind_plus_one: float  # rank 0's rewind request as to_step + 1 (0: none)
+    drawn: tuple[float, ...] = NO_SAMPLES  # this rank's sample_sums() of the step's sample ids
 
     @classmethod
     def of(
@@ -41,6 +54,7 @@ class StepVote:
         pause: bool,
         rewind_to: int | None,
         is_main: bool,
+        drawn: tuple[float, ...] = NO_SAMPLES,
     ) -> StepVote:
         weight: Number = 1.0 if tokens is None else tokens
         if isinstance(loss, torch.Tensor):
@@ -60,16 +74,31 @@ class StepVote:
             float(drain),
             float(pause),
             rewind,
+            drawn,
         )
+
+    def values(self) -> list[Number]:
+        """The packed values in :data:`PACKED` order, the same on every rank: the first
+        :data:`MAYBE_TENSORS` may be tensors, the rest are host floats."""
+        assert len(self.drawn) == len(NO_SAMPLES), self.drawn
+        return [
+            *(self.loss_sum, self.weight, self.nonfinite, self.grad_norm),
+            *(self.drain, self.pause, self.rewind_plus_one, *self.drawn),
+        ]
 
     def agree(self, device: torch.device) -> AgreedStep:
         """COLLECTIVE: all-reduce (sum) and read back once."""
-        parts = [_as_tensor(getattr(self, f.name), device) for f in fields(self)]
-        packed = torch.stack(parts)  # (7,) float64
+        values = self.values()
+        host = [float(v) for v in values[MAYBE_TENSORS:]]  # type: ignore[arg-type]
+        packed = torch.cat(
+            [
+                torch.stack([_as_tensor(v, device) for v in values[:MAYBE_TENSORS]]),  # (4,)
+                torch.tensor(host, dtype=torch.float64, device=device),  # (8,): one copy in
+            ]
+        )  # (12,) float64
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        values = dict(zip((f.name for f in fields(self)), packed.tolist(), strict=True))
-        return AgreedStep.from_sums(values)
+        return AgreedStep.from_sums(dict(zip(PACKED, packed.tolist(), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -83,6 +112,7 @@ class AgreedStep:
     drain: bool
     pause: bool
     rewind_to: int | None
+    drawn: StepDigest  # the step's samples as every rank drew them, together
 
     @classmethod
     def from_sums(cls, sums: dict[str, float]) -> AgreedStep:
@@ -99,6 +129,9 @@ class AgreedStep:
             drain=sums["drain"] > 0,
             pause=sums["pause"] > 0,
             rewind_to=rewind,
+            drawn=StepDigest.from_sums(
+                [sums.get(f"drawn.{i}", 0.0) for i in range(len(NO_SAMPLES))]
+            ),
         )
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from elastic.worker import vote as vote_module
+from elastic.worker.ledger import StepDigest, sample_sums
 from elastic.worker.vote import AgreedStep, StepVote
 from tests.support.syncs import HostSyncCounter
 
@@ -37,7 +38,7 @@ class PeerWorld:
     ReduceOp = dist.ReduceOp
 
     def __init__(self, peer: StepVote) -> None:
-        self._peer = [float(getattr(peer, f.name)) for f in fields(peer)]
+        self._peer = [float(v) for v in peer.values()]
         self.reduces = 0
 
     def is_initialized(self) -> bool:
@@ -201,3 +202,18 @@ def test_the_sync_counter_counts_a_move_to_the_host_from_another_device(move: An
         move(torch.ones(2))  # already on the host: no transfer
         torch.ones(2).to(torch.float64)
     assert syncs.calls == {"to": 1}
+
+
+def test_two_ranks_draws_agree_on_the_digest_of_the_whole_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mine = cast(loss=1.0, is_main=True, drawn=sample_sums(5, [10, 11, 12]))
+    peer = cast(loss=torch.tensor(1.0), drawn=sample_sums(5, [13, 14]))
+    agreed = agree_with(monkeypatch, mine, peer)
+    assert agreed.drawn == StepDigest.of(5, [14, 12, 10, 13, 11])
+    assert agreed.drawn.count == 5
+
+
+def test_a_vote_without_draws_agrees_on_an_empty_step() -> None:
+    sums = {f.name: 0.0 for f in fields(StepVote)} | {"loss_sum": 1.0, "weight": 1.0}
+    assert AgreedStep.from_sums(sums).drawn == StepDigest.of(1, [])
