@@ -3,17 +3,22 @@
 Usage: ``python bench/checkpoint_throughput.py [--size-mb 256] [--repeats 2] [--skip-s3]``
 
 Each backend saves a float32 state of ``--size-mb`` through ``CheckpointManager`` (DCP via
-fsspec, manifest commit included) and loads it back into preallocated tensors, ``--repeats``
-times; the best run is reported. Baselines measured in the same run on the same data:
-``torch.save``/``torch.load`` of one file for local disk, and one raw object PUT/GET of the same
-number of bytes through ``Storage`` for S3. moto_server is an in-memory S3 emulator on
-loopback, so the S3 numbers measure the client stack (s3fs, botocore, HTTP), not a real store.
+fsspec, BLAKE3 of every file, a signed manifest commit) and loads it back, every file checked
+against its digest, into preallocated tensors, ``--repeats`` times; the best run is reported.
+The digests' own cost: BLAKE3 (what the checkpoints use), SHA-256 and BLAKE2b of the state's
+bytes in one thread, in GB/s (``what``: ``digest_blake3``, ``digest_sha256``,
+``digest_blake2b``). Baselines measured in
+the same run on the same data: ``torch.save``/``torch.load`` of one file for local disk, and
+one raw object PUT/GET of the same number of bytes through ``Storage`` for S3. moto_server is
+an in-memory S3 emulator on loopback, so the S3 numbers measure the client stack (s3fs,
+botocore, HTTP), not a real store.
 Prints one JSON line per measurement on stdout (the manager's own log lines go to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import blake3
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,7 +62,7 @@ def blank(state: dict[str, Any]) -> dict[str, Any]:
     return {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
 
 
-def best_seconds(fn: Callable[[int], None], repeats: int) -> float:
+def best_seconds(fn: Callable[[int], object], repeats: int) -> float:
     best = float("inf")
     for i in range(repeats):
         start = time.perf_counter()
@@ -73,8 +79,38 @@ def report(backend: str, what: str, size: int, seconds: float) -> None:
         "size_bytes": size,
         "seconds": round(seconds, 3),
         "mb_per_s": round(size / MB / seconds, 1),
+        "gb_per_s": round(size / 1e9 / seconds, 2),
     }
     print(json.dumps(line), flush=True)
+
+
+DIGESTS = ("blake3", "sha256", "blake2b")
+
+
+def digest_seconds(state: dict[str, Any], algorithm: str, repeats: int) -> float:
+    """Best seconds to hash every tensor's bytes with ``algorithm``, one thread."""
+    views = [memoryview(t.numpy()).cast("B") for t in state["model"].values()]
+
+    def run(_: int) -> None:
+        hasher = blake3.blake3() if algorithm == "blake3" else hashlib.new(algorithm)
+        for view in views:
+            hasher.update(view)
+        hasher.hexdigest()
+
+    return best_seconds(run, repeats)
+
+
+def bench_digests(state: dict[str, Any], repeats: int) -> None:
+    for algorithm in DIGESTS:
+        seconds = digest_seconds(state, algorithm, repeats)
+        report("cpu", f"digest_{algorithm}", state_bytes(state), seconds)
+
+
+def signing_key_file(directory: Path) -> str:
+    """A key file for signed manifests (what a production run would configure)."""
+    path = directory / "signing.key"
+    path.write_text(os.urandom(32).hex())
+    return str(path)
 
 
 def bench_manager(
@@ -169,15 +205,16 @@ def main() -> None:
     torch.set_num_threads(1)
     jsonlog.configure(stream=sys.stderr)  # stdout carries only the bench lines
     state = make_state(args.size_mb)
+    bench_digests(state, args.repeats)
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
         directory = Path(tmp)
         bench_torch_save(directory, state, args.repeats)
-        bench_manager(
-            "file",
-            CheckpointConfig(url=(directory / "ckpts").as_uri(), keep_last=args.repeats + 1),
-            state,
-            args.repeats,
+        config = CheckpointConfig(
+            url=(directory / "ckpts").as_uri(),
+            keep_last=args.repeats + 1,
+            signing_key_file=signing_key_file(directory),
         )
+        bench_manager("file", config, state, args.repeats)
     if args.skip_s3:
         return
     with moto_server() as options:

@@ -9,6 +9,10 @@ the daemon, which never imports ``model``, validates them by running
 only that the command can start (the script or program exists). The resolved document goes to
 the run directory for the workers.
 
+Bad input is refused before anything is written, in one line naming the key and the value
+(exit code 2): :func:`resolve` checks the document, :func:`check_start` what this node needs
+to start it (TLS files readable, the metrics address bindable, the run directory creatable).
+
 Secrets: :data:`SECRETS` is the one list of keys whose values are secret. None of them goes
 into a fingerprint (:mod:`daemon.identity`) or etcd. ``config.resolved.yaml`` is the workers'
 whole config (they get no ``ELASTICD_*`` environment), so it keeps the storage credentials they
@@ -18,10 +22,12 @@ only the daemon uses, is written as ``<redacted>``.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +38,19 @@ from typing import Any
 
 import yaml
 
+from daemon.http import probe_bind
 from daemon.stragglers import StragglersConfig
 from elastic.checkpoint.config import CheckpointConfig
-from elastic.config import ConfigError, build, check, check_name, layered, to_dict
+from elastic.config import (
+    ConfigError,
+    build,
+    check,
+    check_creatable_dir,
+    check_name,
+    check_regular_file,
+    layered,
+    to_dict,
+)
 from elastic.faults import FaultConfig, require_permission
 from elastic.files import replace_file
 from elastic.guard import validate_retention
@@ -78,6 +94,13 @@ SECRETS: tuple[Secret, ...] = (
 # A round record lists every participant in one etcd value: with names of ~20 characters
 # 65,536 fit under etcd's default 1.5 MiB request limit (the chart checks its own etcd).
 MAX_NODES = 65536
+# One worker per GPU (8 on today's largest nodes) or, for CPU runs, per core: the largest
+# two-socket hosts have 384 cores. Each worker is a process with torch loaded (~0.3 GB) and
+# the standby pool keeps up to MAX_STANDBY_ROUNDS more sets warm; past this it is a typo.
+MAX_NPROC_PER_NODE = 1024
+# Warm worker sets for the next restarts or resizes: a round takes one, the pool refills it
+# in the background, so more than a few are memory spent on nothing.
+MAX_STANDBY_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -119,7 +142,12 @@ class WatchdogConfig:
             value = getattr(self, key)
             check(value > 0, key, value, "must be > 0")
         check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0")
-        check(self.standby_rounds >= 1, "standby_rounds", self.standby_rounds, "must be >= 1")
+        check(
+            1 <= self.standby_rounds <= MAX_STANDBY_ROUNDS,
+            "standby_rounds",
+            self.standby_rounds,
+            f"must be in 1..{MAX_STANDBY_ROUNDS}",
+        )
         check(0 < self.poll_seconds <= 5, "poll_seconds", self.poll_seconds, "must be in (0, 5]")
 
 
@@ -169,6 +197,8 @@ class WorkerConfig:
         unknown = sorted({n for a in command for n in _PLACEHOLDER.findall(a)} - PLACEHOLDERS)
         check(not unknown, "command", command, f"unknown placeholder {{{(unknown or [''])[0]}}}")
         for name, value in self.env.items():
+            ok = bool(name) and "=" not in name
+            check(ok, "env", self.env, f"variable name {name!r} must be non-empty, without '='")
             check(isinstance(value, str), f"env.{name}", value, "must be a string")
         check(isinstance(self.cwd, str), "cwd", self.cwd, "must be a string")
         timeout = self.silence_timeout_seconds
@@ -205,7 +235,13 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         check_name("run_id", self.run_id)
-        check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
+        check(bool(self.run_dir), "run_dir", self.run_dir, "must not be empty")
+        check(
+            0 < self.nproc_per_node <= MAX_NPROC_PER_NODE,
+            "nproc_per_node",
+            self.nproc_per_node,
+            f"must be in 1..{MAX_NPROC_PER_NODE}",
+        )
 
 
 def resolve(
@@ -213,6 +249,30 @@ def resolve(
 ) -> tuple[DaemonConfig, dict[str, Any]]:
     """Validated config plus the merged document (for the workers), or ConfigError."""
     document = layered(path, environ=environ, sets=sets)
+    return check_document(document, environ=environ), document
+
+
+def resolve_to_start(
+    path: str | None,
+    *,
+    environ: Mapping[str, str],
+    sets: Sequence[str] = (),
+    node_id: str | None = None,
+) -> tuple[DaemonConfig, dict[str, Any]]:
+    """What ``elasticd run`` refuses before it writes anything: :func:`resolve` and
+    :func:`check_start`, this node's quick checks before the workload check's subprocess."""
+    document = layered(path, environ=environ, sets=sets)
+    config = check_document(document, environ=environ, workload=False)
+    check_start(config, node_id=node_id)
+    _check_workload_of(config, document, environ=environ)
+    return config, document
+
+
+def check_document(
+    document: Mapping[str, Any], *, environ: Mapping[str, str], workload: bool = True
+) -> DaemonConfig:
+    """The typed config of ``document``, or ConfigError: every section, fault permission, the
+    retention, the worker command, and (``workload`` and the bundled trainer) the workload."""
     config = build(DaemonConfig, document)
     require_permission(config.faults, environ)
     try:
@@ -225,9 +285,63 @@ def resolve(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_command(config.worker, environ=environ)
+    if workload:
+        _check_workload_of(config, document, environ=environ)
+    return config
+
+
+def _check_workload_of(
+    config: DaemonConfig, document: Mapping[str, Any], *, environ: Mapping[str, str]
+) -> None:
+    """The bundled trainer's sections are checked by its own validator; another command's
+    workload is its own business (its script or program was found by check_command)."""
     if config.worker.command == DEFAULT_COMMAND:
         check_workload(document, environ=environ)
-    return config, document
+
+
+def check_start(config: DaemonConfig, *, node_id: str | None = None) -> None:
+    """What this node needs to start ``config``, known before start (ConfigError naming the
+    key): the node id, the etcd TLS files, the metrics address (bound and closed again), the
+    run directory and a local checkpoint directory (creatable; nothing is created)."""
+    try:
+        if node_id is not None:
+            check_name("--node-id", node_id)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(config.etcd, key)
+        if value is not None:
+            check_regular_file(f"etcd.{key}", value)
+    _check_bindable(config.metrics)
+    check_creatable_dir("run_dir", config.run_dir)
+    local = _local_path(config.checkpoint.url)
+    if local is not None:
+        check_creatable_dir("checkpoint.url", config.checkpoint.url, local)
+
+
+def _check_bindable(metrics: MetricsConfig) -> None:
+    where = f"{metrics.bind}:{metrics.port}"
+    try:
+        probe_bind(metrics.bind, metrics.port)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"metrics.bind={metrics.bind!r}: cannot resolve it ({reason})") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            named = f"metrics.port={metrics.port}"
+        else:
+            named = f"metrics.bind={metrics.bind!r}"
+        raise ConfigError(f"{named}: cannot bind {where} ({reason})") from None
+
+
+def _local_path(url: str) -> str | None:
+    """The directory of a local checkpoint URL (a plain path or ``file://``), else None."""
+    if url.startswith("file://"):
+        return url.removeprefix("file://")
+    if "://" in url or "::" in url:
+        return None
+    return url
 
 
 def resolved_path(config: DaemonConfig) -> str:

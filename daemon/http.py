@@ -83,6 +83,15 @@ class StatusServer:
         self._thread.join(timeout=5)
 
 
+def probe_bind(bind: str, port: int) -> None:
+    """Bind a socket as the status server will, and close it: ``OSError`` (``socket.gaierror``
+    for a name that does not resolve) when the server could not start on ``bind:port``."""
+    with socket.socket(_Server.address_family, socket.SOCK_STREAM) as sock:
+        if _Server.allow_reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+
+
 class _Server(ThreadingHTTPServer):
     """A ThreadingHTTPServer with a cap on its connection threads and quiet client drops."""
 

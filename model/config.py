@@ -18,13 +18,17 @@ from typing import Any
 
 import yaml
 
-from elastic.checkpoint.config import CheckpointConfig
+from elastic.checkpoint.config import CheckpointConfig, storage_protocol_problem
 from elastic.config import ConfigError, build, check, check_name, layered, to_dict
 from elastic.faults import FaultConfig, require_permission
 from elastic.guard.config import GuardConfig, RewindConfig
 from model.data_config import DataConfig
 from model.geometry import check_world_sizes, elastic_world_sizes
 from model.gpt import GPTConfig
+from model.shards import is_local
+
+# torch.set_num_threads takes a C int; no host has more hardware threads than this.
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,12 @@ class TrainConfig:
         check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "must be in [0, lr]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        for key in ("beta1", "beta2"):  # AdamW refuses anything else when it is built
+            check(0 <= getattr(self, key) < 1, key, getattr(self, key), "must be in [0, 1)")
         check(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
-        check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        threads_ok = 0 <= self.threads <= MAX_THREADS
+        check(threads_ok, "threads", self.threads, f"must be in 0..{MAX_THREADS}")
         check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
 
 
@@ -88,6 +96,9 @@ class JobConfig:
         check_name("run_id", self.run_id)
         check(bool(self.run_dir), "run_dir", self.run_dir, "must not be empty")
         check(self.nproc_per_node > 0, "nproc_per_node", self.nproc_per_node, "must be > 0")
+        for i, source in enumerate(self.data.sources):
+            problem = None if is_local(source.url) else storage_protocol_problem(source.url)
+            check(problem is None, f"data.sources[{i}].url", source.url, problem or "")
 
 
 def resolve(
@@ -102,6 +113,15 @@ def resolve(
     return job
 
 
+def check_workload(document: Mapping[str, Any], *, environ: Mapping[str, str]) -> JobConfig:
+    """What ``--check`` validates (the daemon, at start): the document, fault permission, and
+    every world size of the elastic range ``nodes.min..nodes.max`` x ``nproc_per_node``."""
+    job = build(JobConfig, document)
+    require_permission(job.faults, environ)
+    check_world_sizes(job, elastic_world_sizes(job))
+    return job
+
+
 def dump(job: JobConfig) -> str:
     return yaml.safe_dump(to_dict(job), sort_keys=False)
 
@@ -113,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate only")
     args = parser.parse_args(argv)
     try:
-        job = resolve(args.config, environ=os.environ, sets=args.sets)
-        if args.check:  # the daemon, at start: every world size of the elastic range
-            check_world_sizes(job, elastic_world_sizes(job))
+        if args.check:
+            document = layered(args.config, environ=os.environ, sets=args.sets)
+            job = check_workload(document, environ=os.environ)
+        else:
+            job = resolve(args.config, environ=os.environ, sets=args.sets)
     except ConfigError as exc:
         print(f"elasticd: invalid config: {exc}", file=sys.stderr)
         return 2

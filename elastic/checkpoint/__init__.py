@@ -3,11 +3,13 @@
 ``<checkpoint.url>/<run_id>/step-<N>/`` holds DCP files plus ``manifest.json``, written last; a
 directory without a manifest is not a checkpoint. See ``docs/checkpoints.md``.
 
-Modules: ``config`` (the YAML section), ``storage`` (the only fsspec importer), ``manifest``
-(commit record), ``retention`` (pure deletion policy), ``collective`` (rank-0-decides
-broadcasts), ``manager`` (save/load/retire), ``staging`` (async-save CPU copies, reused),
-``app_state`` (model + optimizer state helpers), ``priority`` (niceness of async-save
-threads), ``errors``.
+Modules: ``config`` (the YAML section), ``storage`` (the only fsspec importer), ``dcp_io``
+(DCP's reader and writer: hashed writes, verified reads), ``integrity`` (digests and the
+streams that compute and check them), ``signing`` (the key, the manifest's HMAC),
+``manifest`` (commit record), ``retention`` (pure deletion policy), ``collective``
+(rank-0-decides broadcasts), ``manager`` (save/load/retire), ``staging`` (async-save CPU
+copies, reused), ``app_state`` (model + optimizer state helpers), ``priority`` (niceness of
+async-save threads), ``errors``.
 """
 
 from elastic.checkpoint.app_state import app_state, restore_app_state
@@ -17,6 +19,7 @@ from elastic.checkpoint.errors import (
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    CheckpointUntrusted,
     StagedStateChanged,
     StorageError,
     TemporaryStorageError,
@@ -32,6 +35,7 @@ __all__ = [
     "CheckpointExists",
     "CheckpointManager",
     "CheckpointNotFound",
+    "CheckpointUntrusted",
     "Manifest",
     "StagedStateChanged",
     "Storage",

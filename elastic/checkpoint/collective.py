@@ -72,6 +72,14 @@ class RankGroup:
         shared_exc, message = rest
         raise shared_exc if shared_exc is not None else CheckpointError(message)
 
+    def gather(self, value: T, *, group: Any = None) -> list[T]:
+        """Every rank's ``value``, by rank, on every rank (small picklable values only)."""
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.process_group if group is None else group)
+        return out
+
     def any_rank(self, flag: bool, *, group: Any = None) -> bool:
         """True on every rank when ``flag`` is true on at least one (a CPU all-reduce)."""
         if not self.distributed:

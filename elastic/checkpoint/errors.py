@@ -5,25 +5,34 @@ Recoverability is a type: :class:`TemporaryStorageError` means "the same call ma
 parsing messages. Everything else is permanent until someone changes something.
 
 :func:`is_temporary` inspects vendor exceptions by class *name* (botocore, aiohttp, s3fs) so
-this module imports no storage library; the adapter in ``storage.py`` and the DCP glue in
-``manager.py`` both use :func:`storage_error` to wrap what they catch.
+this module imports no storage library; the adapter in ``storage.py`` and the DCP reader and
+writer in ``dcp_io.py`` use :func:`storage_error` to wrap what they catch, and ``manager.py``
+maps what ``dcp.save``/``dcp.load`` raise (failures gathered from every rank) with
+:func:`dcp_error` and :func:`summary`.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 __all__ = [
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointExists",
     "CheckpointNotFound",
+    "CheckpointUntrusted",
     "StagedStateChanged",
     "StorageError",
     "TemporaryStorageError",
+    "dcp_error",
+    "find_error",
     "is_temporary",
     "storage_error",
+    "summary",
 ]
 
 
@@ -37,6 +46,18 @@ class CheckpointNotFound(CheckpointError):
 
 class CheckpointCorrupt(CheckpointError):
     """A checkpoint or manifest exists but cannot be trusted (bad JSON, missing/short files)."""
+
+
+class CheckpointUntrusted(CheckpointCorrupt):
+    """A file does not match the manifest's digest, or the manifest lacks a valid signature.
+
+    ``file`` names the file (relative to the step directory). Picklable as is: DCP carries a
+    rank's error to every rank.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 class CheckpointExists(CheckpointError):
@@ -134,6 +155,11 @@ def _one_is_temporary(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _TEMPORARY_ERRNOS
 
 
+def find_error(exc: BaseException, cls: type[E]) -> E | None:
+    """The first ``cls`` in ``exc``, its causes, contexts and DCP's per-rank failures."""
+    return next((e for e in _chain(exc) if isinstance(e, cls)), None)
+
+
 def is_temporary(exc: BaseException) -> bool:
     """True when ``exc`` (or anything it wraps) is a retryable network/throttling failure."""
     return any(_one_is_temporary(e) for e in _chain(exc))
@@ -151,3 +177,25 @@ def storage_error(exc: BaseException, what: str, *, reading: bool = True) -> Che
         return CheckpointNotFound(f"{what}: not found ({exc})")
     cls = TemporaryStorageError if is_temporary(exc) else StorageError
     return cls(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def summary(exc: BaseException) -> str:
+    """One line: the first underlying failure of a (possibly DCP-wrapped) exception."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = next(iter(failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0][:500]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def dcp_error(exc: BaseException, what: str) -> CheckpointError:
+    """Map a DCP failure: temporary storage, permanent storage (an OSError), or other."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if is_temporary(exc):
+        return TemporaryStorageError(f"{what}: {summary(exc)}")
+    failures = getattr(exc, "failures", None)
+    inner = [v[0] for v in failures.values()] if isinstance(failures, dict) else [exc]
+    if any(isinstance(e, OSError | StorageError) for e in inner):
+        return StorageError(f"{what}: {summary(exc)}")
+    return CheckpointError(f"{what}: {summary(exc)}")

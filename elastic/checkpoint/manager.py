@@ -21,6 +21,13 @@ With ``background_staging=True`` it returns before the copy; the caller overlaps
 that does not write the state (forward, backward) and calls ``wait_staged()`` before the next
 in-place update (``optimizer.step()``). A save whose tensors changed during the copy is never
 committed (:class:`StagedStateChanged`, on every rank).
+
+Integrity: every rank hashes (BLAKE3) each file as it writes it; rank 0 gathers the digests
+and lists them in the manifest, signed (HMAC-SHA256) when ``checkpoint.signing_key_file`` is
+set. A load reads each file once, and DCP deserialises it only after its digest matched; a
+manifest without a valid signature (when a key is set) is never loaded. Either failure falls
+back to the previous checkpoint with one ``checkpoint_fallback`` line naming the file, and
+never deletes or rewrites anything.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import builtins
 import contextlib
 import contextvars
 import functools
+import hmac
 import json
 import re
 import threading
@@ -44,16 +52,21 @@ from torch.distributed.checkpoint.api import CheckpointException
 from elastic import jsonlog
 from elastic.checkpoint.collective import RankGroup
 from elastic.checkpoint.config import CheckpointConfig
+from elastic.checkpoint.dcp_io import CheckpointWriter
 from elastic.checkpoint.errors import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    CheckpointUntrusted,
     StagedStateChanged,
-    StorageError,
     TemporaryStorageError,
+    dcp_error,
+    find_error,
     is_temporary,
+    summary,
 )
+from elastic.checkpoint.integrity import WrittenFile
 from elastic.checkpoint.manifest import Manifest
 from elastic.checkpoint.retention import plan_retention
 from elastic.checkpoint.staging import ReusingStager
@@ -65,7 +78,6 @@ MANIFEST = "manifest.json"
 RETIRED = "retired.json"
 DCP_METADATA = ".metadata"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_NOT_DATA = frozenset({MANIFEST, RETIRED})
 
 
 def step_dir(step: int) -> str:
@@ -92,6 +104,7 @@ class CheckpointManager:
         self.run_id = run_id
         self._group = RankGroup(rank=rank, world_size=world_size, process_group=process_group)
         self._storage = Storage(config.url, storage_options=config.storage_options)
+        self._signing_key = config.signing_key
         self._clock = clock
         self._log = jsonlog.get("checkpoint")
         # Rank 0 mutates manifests from the main thread and from the async commit thread.
@@ -138,13 +151,14 @@ class CheckpointManager:
         writer = self._storage.writer(self._rel(step), background_nice=self.config.background_nice)
         if not self.config.async_save:
             self._write(step, state, writer)
-            self._group.decide(lambda: self._commit(step, meta, started=started))
+            written = self._gather_written(writer)
+            self._group.decide(lambda: self._commit(step, meta, written, started=started))
             return
         side = self._group.side_group()
         upload = self._start_async_write(step, state, writer, side, background=background_staging)
         ctx = contextvars.copy_context()
         self._pending = self._commit_pool().submit(
-            ctx.run, self._finish_async, upload, step, meta, started, side
+            ctx.run, self._finish_async, upload, writer, step, meta, started, side
         )
 
     def wait_staged(self) -> None:
@@ -184,7 +198,7 @@ class CheckpointManager:
                 )
         except (CheckpointException, Exception) as exc:
             where = self._storage.join(self._rel(step))
-            raise _dcp_error(exc, f"save step {step} to {where}") from exc
+            raise dcp_error(exc, f"save step {step} to {where}") from exc
 
     def _start_async_write(
         self, step: int, state: dict[str, Any], writer: Any, group: Any, *, background: bool
@@ -202,20 +216,26 @@ class CheckpointManager:
                     no_dist=not self._group.distributed,
                 )
         except (CheckpointException, Exception) as exc:
-            raise _dcp_error(exc, f"async save step {step}") from exc
+            raise dcp_error(exc, f"async save step {step}") from exc
         # Newer torch may return a response object holding the upload future.
         upload = getattr(response, "upload_completion", response)
         assert isinstance(upload, Future), type(upload)
         return upload
 
     def _finish_async(
-        self, upload: Future[Any], step: int, meta: dict[str, Any], started: float, group: Any
+        self,
+        upload: Future[Any],
+        writer: CheckpointWriter,
+        step: int,
+        meta: dict[str, Any],
+        started: float,
+        group: Any,
     ) -> None:
         try:
             upload.result()
         except (CheckpointException, Exception) as exc:
             # DCP reports a failure on every rank, so no rank waits in the commit below.
-            raise _dcp_error(exc, f"async save step {step}") from exc
+            raise dcp_error(exc, f"async save step {step}") from exc
         assert self._stager is not None
         changed = self._stager.changed
         if self._group.any_rank(bool(changed), group=group):
@@ -227,20 +247,40 @@ class CheckpointManager:
                 f"({', '.join(changed[:5]) or 'on another rank'}); call wait_staged() before "
                 "changing it after save(..., background_staging=True)"
             )
-        self._group.decide(lambda: self._commit(step, meta, started=started), group=group)
+        written = self._gather_written(writer, group=group)
+        self._group.decide(lambda: self._commit(step, meta, written, started=started), group=group)
 
-    def _commit(self, step: int, meta: dict[str, Any], *, started: float) -> None:
+    def _gather_written(
+        self, writer: CheckpointWriter, *, group: Any = None
+    ) -> dict[str, WrittenFile]:
+        """COLLECTIVE. Every rank's written files (size and BLAKE3), merged."""
+        merged: dict[str, WrittenFile] = {}
+        for part in self._group.gather(writer.written, group=group):
+            merged.update(part)
+        return merged
+
+    def _commit(
+        self, step: int, meta: dict[str, Any], written: dict[str, WrittenFile], *, started: float
+    ) -> None:
         rel = self._rel(step)
-        files = {k: v for k, v in self._storage.sizes(rel).items() if k not in _NOT_DATA}
-        if DCP_METADATA not in files:
+        if DCP_METADATA not in written:
             raise CheckpointCorrupt(f"{self._storage.join(rel)}: DCP wrote no {DCP_METADATA}")
+        stored = self._storage.sizes(rel)
+        for name, record in sorted(written.items()):
+            if stored.get(name) != record.size_bytes:
+                raise CheckpointCorrupt(
+                    f"{self._storage.join(rel, name)}: {stored.get(name, 'no')} bytes stored, "
+                    f"{record.size_bytes} written"
+                )
         manifest = Manifest(
             step=step,
             world_size=self._group.world_size,
             time_unix=self._clock(),
-            files=files,
+            files={name: record.size_bytes for name, record in written.items()},
+            blake3={name: record.blake3 for name, record in written.items()},
             meta=meta,
         )
+        manifest = self._signed(manifest)
         with self._meta_lock:
             self._storage.write_bytes(f"{rel}/{MANIFEST}", manifest.to_json().encode())
             self._log.info(
@@ -269,9 +309,14 @@ class CheckpointManager:
                 return manifest
         return None
 
-    def verify(self, manifest: Manifest) -> builtins.list[str]:
-        """Problems with ``manifest``'s files (missing, wrong size), each naming the file."""
-        actual = self._storage.sizes(self._rel(manifest.step))
+    def verify(self, manifest: Manifest, *, contents: bool = False) -> builtins.list[str]:
+        """Problems with ``manifest``'s files (missing, wrong size), each naming the file.
+
+        Sizes come from a listing. ``contents=True`` also reads every file and compares its
+        BLAKE3 with the manifest (a load does that anyway, for the files each rank reads).
+        """
+        rel = self._rel(manifest.step)
+        actual = self._storage.sizes(rel)
         problems = []
         if DCP_METADATA not in manifest.files:
             problems.append(f"{DCP_METADATA}: not listed in the manifest")
@@ -280,7 +325,13 @@ class CheckpointManager:
                 problems.append(f"{name}: missing")
             elif actual[name] != size_bytes:
                 problems.append(f"{name}: size {actual[name]} bytes, manifest says {size_bytes}")
+            elif contents and manifest.has_digests and not self._digest_matches(manifest, name):
+                problems.append(f"{name}: digest mismatch")
         return problems
+
+    def _digest_matches(self, manifest: Manifest, name: str) -> bool:
+        stored = self._storage.digest(f"{self._rel(manifest.step)}/{name}")
+        return hmac.compare_digest(stored.blake3, manifest.blake3[name])
 
     def load(
         self,
@@ -321,13 +372,10 @@ class CheckpointManager:
             try:
                 self._read(chosen, state)
             except _LoadFailed as exc:
-                failed.append(f"step {chosen.step}: {exc}")
+                failed.append(f"step {chosen.step}: {exc.problem}")
                 if self._group.is_leader:
                     self._log.warning(
-                        "checkpoint_fallback",
-                        step=chosen.step,
-                        file=None,
-                        problem=f"load failed: {exc}",
+                        "checkpoint_fallback", step=chosen.step, file=exc.file, problem=exc.problem
                     )
                 below = chosen.step
                 continue
@@ -351,25 +399,37 @@ class CheckpointManager:
         below: int | None,
         failed: builtins.list[str],
     ) -> Manifest | None:
-        committed = self.list()
-        if step is not None and below is None and all(m.step != step for m in committed):
+        committed, _, refused = self._scan()
+        present = {m.step for m in committed} | set(refused)
+        if step is not None and below is None and step not in present:
             raise CheckpointNotFound(f"no committed checkpoint at step {step} under {self.root}")
         bounds = [s for s in (step, max_step) if s is not None]
         limit = min(bounds) if bounds else None
-        candidates = [
-            m
-            for m in reversed(committed)
+        # Manifests that cannot be trusted (unparseable, unsigned, badly signed) are
+        # candidates too: skipping one is a fallback, logged, never a silent fresh start.
+        # Not for known-good-only loads (rewinds): whether a refused one was known-good is
+        # unknown, and a rewind without a target must stay a rewind without a target.
+        candidates: builtins.list[tuple[int, Manifest | str]] = [
+            (m.step, m)
+            for m in committed
             if _selected(m, max_step=limit, known_good_only=known_good_only)
-            and (below is None or m.step < below)
         ]
-        for manifest in candidates:
-            problems = self.verify(manifest)
+        candidates += [
+            (s, problem)
+            for s, problem in refused.items()
+            if not known_good_only and (limit is None or s <= limit)
+        ]
+        for candidate_step, candidate in sorted(candidates, key=lambda c: c[0], reverse=True):
+            if below is not None and candidate_step >= below:
+                continue
+            problems = self.verify(candidate) if isinstance(candidate, Manifest) else [candidate]
             if not problems:
-                return manifest
-            failed.append(f"step {manifest.step}: {problems[0]}")
+                assert isinstance(candidate, Manifest)
+                return candidate
+            failed.append(f"step {candidate_step}: {problems[0]}")
             self._log.warning(
                 "checkpoint_fallback",
-                step=manifest.step,
+                step=candidate_step,
                 file=problems[0].split(":", 1)[0],
                 problem=problems[0],
                 num_problems=len(problems),
@@ -379,7 +439,15 @@ class CheckpointManager:
         return None
 
     def _read(self, manifest: Manifest, state: dict[str, Any]) -> None:
-        reader = self._storage.reader(self._rel(manifest.step))
+        if not manifest.has_digests and self._group.is_leader:
+            self._log.warning(
+                "checkpoint_unverified",
+                step=manifest.step,
+                reason=f"manifest format {manifest.format_version} lists no digests; "
+                "files are checked by size only",
+            )
+        rel = self._rel(manifest.step)
+        reader = self._storage.reader(rel, files=manifest.files, blake3=manifest.blake3)
         try:
             with _single_process_quiet():
                 dcp.load(
@@ -390,9 +458,14 @@ class CheckpointManager:
                 )
         except (CheckpointException, Exception) as exc:
             if is_temporary(exc):
-                raise TemporaryStorageError(f"load step {manifest.step}: {_summary(exc)}") from exc
-            # DCP gathers failures from all ranks, so every rank lands here together.
-            raise _LoadFailed(_summary(exc)) from exc
+                raise TemporaryStorageError(f"load step {manifest.step}: {summary(exc)}") from exc
+            # DCP gathers failures from all ranks, so every rank lands here together. A file
+            # that failed its digest is named by the rank that read it; .metadata failures
+            # reach DCP's caller as text only, so this rank's own reader names those.
+            untrusted = find_error(exc, CheckpointUntrusted) or reader.failure
+            if untrusted is not None:
+                raise _LoadFailed(str(untrusted), file=untrusted.file) from exc
+            raise _LoadFailed(f"load failed: {summary(exc)}") from exc
 
     # ------------------------------------------------------------------ rank-0 metadata
     def mark_known_good(self, step: int) -> None:
@@ -406,7 +479,7 @@ class CheckpointManager:
                     f"no committed checkpoint at step {step} under {self.root}"
                 )
             if not manifest.known_good:
-                data = manifest.with_known_good().to_json().encode()
+                data = self._signed(manifest.with_known_good()).to_json().encode()
                 self._storage.write_bytes(f"{self._rel(step)}/{MANIFEST}", data)
                 self._log.info("checkpoint_known_good", step=step)
 
@@ -454,31 +527,47 @@ class CheckpointManager:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         return self._executor
 
+    def _signed(self, manifest: Manifest) -> Manifest:
+        return manifest if self._signing_key is None else manifest.signed(self._signing_key)
+
     def _read_manifest(self, step: int) -> Manifest | None:
-        """The manifest of ``step``; ``None`` when absent; CheckpointCorrupt when unreadable."""
+        """The manifest of ``step``; ``None`` when absent; :class:`CheckpointCorrupt` (its
+        message starts with ``manifest.json:``) when unreadable, or, with a signing key,
+        :class:`CheckpointUntrusted` when its signature is missing or wrong."""
         try:
             data = self._storage.read_bytes(f"{self._rel(step)}/{MANIFEST}")
         except CheckpointNotFound:
             return None
-        manifest = Manifest.from_json(data)
+        try:
+            manifest = Manifest.from_json(data)  # JSON only: never pickle
+        except CheckpointCorrupt as exc:
+            raise CheckpointCorrupt(f"{MANIFEST}: {exc}") from exc
+        if self._signing_key is not None:
+            problem = manifest.signature_problem(self._signing_key)
+            if problem is not None:
+                raise CheckpointUntrusted(f"{MANIFEST}: {problem}", file=MANIFEST)
         if manifest.step != step:
-            raise CheckpointCorrupt(f"{step_dir(step)}/{MANIFEST} says step {manifest.step}")
+            raise CheckpointCorrupt(f"{MANIFEST}: says step {manifest.step}, in {step_dir(step)}")
         return manifest
 
-    def _scan(self) -> tuple[builtins.list[Manifest], builtins.list[int], builtins.list[int]]:
-        """(committed manifests, torn steps, steps with an unreadable manifest), by step."""
-        committed, torn, unreadable = [], [], []
+    def _scan(self) -> tuple[builtins.list[Manifest], builtins.list[int], dict[int, str]]:
+        """(committed manifests, torn steps, {step: why its manifest is refused}), by step.
+
+        Refused manifests (unparseable, unsigned or badly signed) are neither committed nor
+        torn: nothing loads them, and retention leaves them in place.
+        """
+        committed, torn, refused = [], [], {}
         for step in self._step_dirs():
             try:
                 manifest = self._read_manifest(step)
-            except CheckpointCorrupt:
-                unreadable.append(step)
+            except CheckpointCorrupt as exc:
+                refused[step] = str(exc)
                 continue
             if manifest is None:
                 torn.append(step)
             else:
                 committed.append(manifest)
-        return committed, torn, unreadable
+        return committed, torn, refused
 
     def _step_dirs(self) -> builtins.list[int]:
         steps = []
@@ -509,6 +598,11 @@ class CheckpointManager:
 class _LoadFailed(Exception):
     """dcp.load failed for a non-temporary reason (every rank sees it together)."""
 
+    def __init__(self, problem: str, *, file: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.file = file
+
 
 def _selected(manifest: Manifest, *, max_step: int | None, known_good_only: bool) -> bool:
     if max_step is not None and manifest.step > max_step:
@@ -530,25 +624,3 @@ def _check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"meta={meta!r}: must be a dict")
     text = Manifest(step=0, world_size=1, time_unix=0.0, files={}, meta=meta).to_json()
     return dict(json.loads(text)["meta"])
-
-
-def _summary(exc: BaseException) -> str:
-    """One line: the first underlying failure of a (possibly DCP-wrapped) exception."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        rank, (inner, _) = next(iter(failures.items()))
-        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0][:500]
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-
-
-def _dcp_error(exc: BaseException, what: str) -> CheckpointError:
-    """Map a DCP failure: temporary storage, permanent storage (an OSError), or other."""
-    if isinstance(exc, CheckpointError):
-        return exc
-    if is_temporary(exc):
-        return TemporaryStorageError(f"{what}: {_summary(exc)}")
-    failures = getattr(exc, "failures", None)
-    inner = [v[0] for v in failures.values()] if isinstance(failures, dict) else [exc]
-    if any(isinstance(e, OSError | StorageError) for e in inner):
-        return StorageError(f"{what}: {_summary(exc)}")
-    return CheckpointError(f"{what}: {_summary(exc)}")

@@ -1,9 +1,15 @@
 """The manifest: the commit record of one checkpoint, written last into its step directory.
 
 A step directory is a checkpoint exactly when it holds a ``manifest.json`` that parses. The
-manifest lists every DCP file with its size so a reader can tell a complete checkpoint from a
-torn or truncated one without opening the shards, and carries the trainer's own ``meta``
-(data position, skip ledger, guard state, config fingerprint) as plain JSON.
+manifest lists every DCP file with its size and its BLAKE3, so a reader can tell a complete
+checkpoint from a torn or truncated one without opening the shards, and a changed byte from
+the bytes that were written before deserialising any of them; it carries the trainer's own
+``meta`` (data position, skip ledger, guard state, config fingerprint) as plain JSON. It is
+only ever parsed as JSON.
+
+Format versions: 1 lists sizes only (read, never written); 2 adds ``blake3`` (one digest per
+listed file) and ``signature``, the HMAC-SHA256 of :meth:`Manifest.payload` (the canonical JSON
+of every other field) when the writer had a signing key (``None`` otherwise).
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from elastic.checkpoint.errors import CheckpointCorrupt
+from elastic.checkpoint.signing import sign, signature_problem
 
-__all__ = ["FORMAT_VERSION", "Manifest"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "Manifest"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _REQUIRED = ("step", "world_size", "time_unix", "files")
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,10 @@ class Manifest:
     """Set by the trainer once training went on healthily past this step (rewind targets)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Trainer state that is not tensors; must be JSON-serialisable."""
+    blake3: dict[str, str] = field(default_factory=dict)
+    """Relative path -> BLAKE3 of the file (hex), for exactly the ``files`` (format 2)."""
+    signature: str | None = None
+    """HMAC-SHA256 (hex) of :meth:`payload` under the writer's signing key; ``None``: unsigned."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -57,18 +70,50 @@ class Manifest:
         _require(isinstance(self.known_good, bool), "known_good", self.known_good, "a bool")
         _require(isinstance(self.meta, dict), "meta", self.meta, "a mapping")
         _require(
-            self.format_version == FORMAT_VERSION,
+            self.format_version in READABLE_VERSIONS,
             "format_version",
             self.format_version,
-            f"{FORMAT_VERSION} (this build reads no other)",
+            f"one of {READABLE_VERSIONS} (this build reads no other)",
         )
+        self._check_digests()
+        if self.signature is not None:
+            _require(_is_hex(self.signature, 64), "signature", self.signature, "64 hex digits")
+
+    def _check_digests(self) -> None:
+        _require(isinstance(self.blake3, dict), "blake3", self.blake3, "a mapping")
+        listed = set(self.files) if self.format_version >= 2 else set()
+        _require(
+            set(self.blake3) == listed,
+            "blake3",
+            sorted(set(self.blake3) ^ listed),
+            "one digest per listed file (format 2), none in format 1",
+        )
+        for name, digest in self.blake3.items():
+            _require(_is_hex(digest, 64), f"blake3[{name}]", digest, "64 hex digits")
 
     @property
     def size_bytes(self) -> int:
         return sum(self.files.values())
 
+    @property
+    def has_digests(self) -> bool:
+        return self.format_version >= 2
+
     def with_known_good(self) -> Manifest:
-        return replace(self, known_good=True)
+        """The same checkpoint flagged known-good; unsigned (the caller signs it again)."""
+        return replace(self, known_good=True, signature=None)
+
+    def payload(self) -> bytes:
+        """What the signature covers: compact, key-sorted JSON of every field but itself."""
+        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+    def signed(self, key: bytes) -> Manifest:
+        return replace(self, signature=sign(self.payload(), key))
+
+    def signature_problem(self, key: bytes) -> str | None:
+        """Why this manifest's signature does not hold under ``key`` (``None``: it holds)."""
+        return signature_problem(self.payload(), self.signature, key)
 
     def to_json(self) -> str:
         """Deterministic JSON; ``ValueError`` when ``meta`` is not JSON-serialisable."""
@@ -97,6 +142,10 @@ class Manifest:
             return cls(**data)
         except (TypeError, ValueError) as exc:
             raise CheckpointCorrupt(f"manifest is invalid: {exc}") from exc
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
 
 
 def _is_int(value: object) -> bool:

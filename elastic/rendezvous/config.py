@@ -17,13 +17,13 @@ import dataclasses
 import math
 import re
 
-from elastic.config import check
+from elastic.config import NAME_RULE, check, is_name
+from elastic.config import check_name as check_name  # the one naming rule, re-exported
 
 DEFAULT_PORT = 2379
 _ENDPOINT = re.compile(
     r"^(?:(?P<scheme>https?)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[^:/\s]+)(?::(?P<port>\d{1,5}))?/?$"
 )
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Endpoint:
 def parse_endpoint(text: str) -> Endpoint:
     """``"10.0.0.1:2379"``, ``"https://etcd:2379"`` -> Endpoint; ValueError when malformed."""
     match = _ENDPOINT.match(text.strip())
-    if not match:
+    if not match or not text.isascii():
         raise ValueError(f"{text!r} is not host:port or http(s)://host:port")
     port = int(match["port"]) if match["port"] else DEFAULT_PORT
     if not 0 < port < 65536:
@@ -53,11 +53,6 @@ def parse_endpoint(text: str) -> Endpoint:
 def split_endpoints(text: str) -> tuple[str, ...]:
     """``"a:2379, b:2379"`` -> ``("a:2379", "b:2379")`` (torchrun's ``--rdzv-endpoint``)."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def check_name(key: str, value: str) -> None:
-    """Run ids and node ids become key segments: no ``/``, nothing exotic."""
-    check(bool(_NAME.match(value)), key, value, "must be non-empty letters, digits, '_', '.', '-'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +77,7 @@ class EtcdConfig:
     tls_key: str | None = None
     # etcd authentication (both or neither).
     user: str | None = None
-    password: str | None = dataclasses.field(default=None, repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False, metadata={"secret": True})
     # Accept user/password over an endpoint without TLS (they and the token travel readable).
     allow_insecure_auth: bool = False
 
@@ -93,8 +88,10 @@ class EtcdConfig:
                 parse_endpoint(endpoint)
             except ValueError as exc:
                 check(False, f"endpoints[{i}]", endpoint, str(exc))
-        prefix_ok = self.key_prefix.startswith("/") and not self.key_prefix.endswith("/")
-        check(prefix_ok, "key_prefix", self.key_prefix, "must start with '/' and not end with '/'")
+        segments = self.key_prefix.split("/")
+        prefix_ok = len(segments) > 1 and segments[0] == "" and all(map(is_name, segments[1:]))
+        rule = f"must be /NAME or /NAME/NAME..., a NAME {NAME_RULE}"
+        check(prefix_ok, "key_prefix", self.key_prefix, rule)
         check(self.ttl_seconds >= 1, "ttl_seconds", self.ttl_seconds, "must be >= 1")
         check(
             self.state_ttl_seconds >= 1, "state_ttl_seconds", self.state_ttl_seconds, "must be >= 1"
@@ -102,7 +99,8 @@ class EtcdConfig:
         for key in ("connect_timeout_seconds", "request_timeout_seconds"):
             check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
         paired = (self.tls_cert is None) == (self.tls_key is None)
-        check(paired, "tls_cert", self.tls_cert, "tls_cert and tls_key must be given together")
+        given = ("tls_cert", self.tls_cert) if self.tls_key is None else ("tls_key", self.tls_key)
+        check(paired, *given, "tls_cert and tls_key must be given together")
         paired = (self.user is None) == (self.password is None)
         check(paired, "user", self.user, "user and password must be given together")
         self._check_auth_transport()
@@ -110,6 +108,8 @@ class EtcdConfig:
     def _check_auth_transport(self) -> None:
         if self.user is None:
             return
+        check(self.user != "", "user", self.user, "must not be empty (leave user out: no auth)")
+        check(self.password != "", "password", self.password, "must not be empty")
         check(
             bool(self.endpoints),
             "user",

@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO, cast
 
 import pytest
 import structlog
@@ -75,7 +75,7 @@ class _CurrentStdout(io.TextIOBase):
 @pytest.fixture
 def log_lines(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[], list[dict[str, Any]]]]:
     """Configure JSON logging onto captured stdout; call the result to get parsed lines."""
-    jsonlog.configure(stream=_CurrentStdout(), rank=0)
+    jsonlog.configure(stream=cast(TextIO, _CurrentStdout()), rank=0)
     seen: list[dict[str, Any]] = []
 
     def read() -> list[dict[str, Any]]:

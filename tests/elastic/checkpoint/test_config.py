@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from elastic.checkpoint import CheckpointConfig
@@ -46,3 +48,34 @@ def test_builder_prefixes_the_section() -> None:
 def test_unknown_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="unknown key 'async_save'"):
         build(CheckpointConfig, {"async_save": True})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, r"cannot read it \(No such file or directory\)"),
+        ("", "the file is empty"),
+        ("short\n", "the key has 5 bytes, at least 16"),
+    ],
+    ids=["missing", "empty", "short"],
+)
+def test_a_bad_signing_key_file_is_one_config_error_naming_key_and_path(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"^checkpoint\.signing_key_file='{path}': {problem}"):
+        build(CheckpointConfig, {"signing_key_file": str(path)}, path="checkpoint.")
+
+
+def test_the_signing_key_is_read_once_and_kept_out_of_repr_and_the_resolved_config(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "key"
+    path.write_text("  s3cr3t-0123456789abcdef \n")
+    config = build(CheckpointConfig, {"signing_key_file": str(path)})
+    path.unlink()  # read when the config was built; never again
+    assert config.signing_key == b"s3cr3t-0123456789abcdef"
+    assert "s3cr3t" not in repr(config) and "s3cr3t" not in str(to_dict(config))
+    assert CheckpointConfig().signing_key is None

@@ -133,7 +133,7 @@ def test_unreadable_shard_content_falls_back(local: Backend, log_lines: Any) -> 
     manager.save(1, toy_state(1), meta={})
     manager.save(2, toy_state(2), meta={})
     storage = local.storage()
-    # Same size, garbage bytes: sizes verify, DCP cannot read it.
+    # Same size, garbage bytes: sizes verify, the digest does not (DCP never sees them).
     size = storage.sizes("run/step-2")["__0_0.distcp"]
     storage.write_bytes("run/step-2/__0_0.distcp", b"\0" * size)
 
@@ -141,7 +141,8 @@ def test_unreadable_shard_content_falls_back(local: Backend, log_lines: Any) -> 
     assert manager.load(got).step == 1  # type: ignore[union-attr]
     assert_states_equal(got, toy_state(1))
     (line,) = [x for x in log_lines() if x["event"] == "checkpoint_fallback"]
-    assert line["step"] == 2 and line["problem"].startswith("load failed")
+    assert line["step"] == 2 and line["file"] == "__0_0.distcp"
+    assert "digest mismatch" in line["problem"]
 
 
 def test_latest_filters_by_max_step_and_known_good(local: Backend) -> None:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from elastic.checkpoint import CheckpointCorrupt, Manifest
+
+KEY = b"0123456789abcdef0123456789abcdef"
 
 
 def _manifest(**overrides: object) -> Manifest:
@@ -13,6 +16,7 @@ def _manifest(**overrides: object) -> Manifest:
         "world_size": 4,
         "time_unix": 1700000000.5,
         "files": {".metadata": 120, "__0_0.distcp": 4096},
+        "blake3": {".metadata": "a" * 64, "__0_0.distcp": "0123456789" * 6 + "abcd"},
         "meta": {"data": {"position": 12800}, "fingerprint": "abc"},
     }
     fields.update(overrides)
@@ -20,19 +24,65 @@ def _manifest(**overrides: object) -> Manifest:
 
 
 def test_round_trip_preserves_every_field() -> None:
-    manifest = _manifest(known_good=True)
+    manifest = _manifest(known_good=True).signed(KEY)
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert Manifest.from_json(manifest.to_json().encode()) == manifest
+    assert manifest.format_version == 2 and manifest.signature is not None
+
+
+def test_a_format_1_manifest_without_digests_still_parses() -> None:
+    data = json.loads(_manifest().to_json())
+    for key in ("blake3", "signature"):
+        del data[key]
+    data["format_version"] = 1
+    manifest = Manifest.from_json(json.dumps(data))
+    assert manifest.blake3 == {} and not manifest.has_digests
+
+
+@pytest.mark.parametrize(
+    "blake3",
+    [{".metadata": "a" * 64}, {".metadata": "a" * 64, "__0_0.distcp": "A" * 64}],
+    ids=["a-file-without-digest", "not-lower-hex"],
+)
+def test_format_2_needs_one_hex_digest_per_file(blake3: dict[str, str]) -> None:
+    data = json.loads(_manifest().to_json())
+    data["blake3"] = blake3
+    with pytest.raises(CheckpointCorrupt, match="blake3"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_signature_holds_under_its_key_only_and_covers_every_field() -> None:
+    signed = _manifest().signed(KEY)
+    assert signed.signature_problem(KEY) is None
+    assert "bad signature" in str(signed.signature_problem(b"another key, 16 bytes or more"))
+    assert "unsigned" in str(_manifest().signature_problem(KEY))
+    changes: list[dict[str, object]] = [
+        {"step": 101},
+        {"known_good": True},
+        {"meta": {}},
+        {"files": {}, "blake3": {}},
+    ]
+    for change in changes:
+        changed = replace(signed, **change)  # type: ignore[arg-type]
+        assert "bad signature" in str(changed.signature_problem(KEY)), change
+
+
+def test_payload_is_compact_sorted_json_without_the_signature() -> None:
+    signed = _manifest().signed(KEY)
+    payload = json.loads(signed.payload())
+    assert "signature" not in payload and payload["step"] == 100
+    assert signed.payload() == _manifest().payload()
+    assert signed.payload() == json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
 def test_size_bytes_is_the_sum_of_file_sizes() -> None:
     assert _manifest().size_bytes == 4216
 
 
-def test_with_known_good_changes_only_the_flag() -> None:
-    good = _manifest().with_known_good()
-    assert good.known_good is True
-    assert good.files == _manifest().files
+def test_with_known_good_changes_only_the_flag_and_drops_the_signature() -> None:
+    good = _manifest().signed(KEY).with_known_good()
+    assert good.known_good is True and good.signature is None
+    assert good.files == _manifest().files and good.blake3 == _manifest().blake3
 
 
 @pytest.mark.parametrize(
@@ -61,7 +111,8 @@ def test_missing_required_key_is_corrupt_and_named() -> None:
         ("files", {"x": -5}),
         ("files", ["x"]),
         ("known_good", "yes"),
-        ("format_version", 2),
+        ("format_version", 3),
+        ("signature", "not hex"),
         ("time_unix", None),
     ],
 )

@@ -3,10 +3,13 @@
 Each phase runs ``reshard_worker`` as N separate processes on loopback with a fresh port. The
 save phase writes step 2 synchronously and step 3 with ``async_save`` (over the manager's side
 gloo group), then mutates the live parameters to prove the async write used a staged copy.
+Last, a changed byte in rank 1's shard of step 3 makes every rank of a 2-rank load fall back to
+step 2 together, and rank 0's ``checkpoint_fallback`` line names the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +130,20 @@ def test_fsdp2_state_saved_at_two_ranks_loads_exactly_at_one_and_three(tmp_path:
     _assert_equal(got3["got"], ref2)
     # Training on from the resharded state reproduces the original step 3 (up to float order).
     _assert_close(_load(out / "next-3.pt"), ref3)
+
+    shard = tmp_path / "ckpts" / "reshard" / "step-3" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    _run_ranks(2, ["load", url, str(out), "latest"], tmp_path)
+    got2 = _load(out / "got-2.pt")
+    assert got2["meta"]["step"] == 2
+    _assert_equal(got2["got"], ref2)
+    lines = (tmp_path / "load-ws2-rank0.log").read_text().splitlines()
+    fallbacks = [e for e in map(_json_line, lines) if e.get("event") == "checkpoint_fallback"]
+    assert [(e["step"], e["file"]) for e in fallbacks] == [(3, "__1_0.distcp")]
+    assert "digest mismatch" in fallbacks[0]["problem"]
+
+
+def _json_line(line: str) -> dict[str, Any]:
+    return json.loads(line) if line.startswith("{") else {}
