@@ -30,6 +30,7 @@ BENCHMARKS = (
     "rendezvous",
     "membership",
     "membership_scale",
+    "chaos",  # 13 fault kinds x 10 trials (~35 min); `python -m bench.chaos --trials 2` for less
     "goodput",  # last: a simulation fed with the costs the others measure
 )
 

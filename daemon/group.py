@@ -31,7 +31,9 @@ or commit in the old group, and rejoins through a new round.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
 import socket
 import threading
 import time
@@ -64,6 +66,8 @@ RECORD_STATES = {"joining": "active", "running": "active", "waiting": "active"}
 # Fields whose change is worth a write that every node receives.
 MEMBERSHIP_FIELDS = ("state", "detail", "last_failure", identity.FINGERPRINT_KEY, "address")
 COMPUTE_BAND = 0.1  # republish the straggler value when it moves by more than 10 %
+EVENT_QUEUE_SIZE = 1000  # events waiting for etcd; older ones dropped beyond this
+EVENT_FLUSH_SECONDS = 5.0  # at close, time given to send the queued events
 RUN_STATUS_SECONDS = 30.0  # rank 0 refreshes the run's last step at most this often
 REGISTER_RETRY_SECONDS = 0.5
 
@@ -133,6 +137,7 @@ class Group:
         self._local = _Local()
         self._etcd_up = True
         self._publisher = _Publisher(self)
+        self._events = _EventSender(self)
 
     # ----------------------------------------------------------------- lifecycle
     def register(self, status: dict[str, Any]) -> None:
@@ -146,6 +151,7 @@ class Group:
         record = self._publisher.record(status)
         self._take_node_id(record)
         self._publisher.start(record)
+        self._events.start()
         with self._lock:
             # A closed round listing this node is from before this daemon started: never ours.
             current = self.view.snapshot.round
@@ -170,6 +176,7 @@ class Group:
 
     def close(self) -> None:
         self._publisher.stop()
+        self._events.stop(flush_seconds=EVENT_FLUSH_SECONDS)
         self.view.close()
         self._quietly(self.lease.revoke)
         self._quietly(self.kv.close)
@@ -179,6 +186,7 @@ class Group:
         see the departure at once and form their next round without waiting for this node."""
         self._publisher.flush()
         self._publisher.stop()
+        self._events.stop(flush_seconds=EVENT_FLUSH_SECONDS)
         self.joiner.withdraw()
         self._quietly(self.lease.revoke)
 
@@ -329,7 +337,9 @@ class Group:
 
     # ----------------------------------------------------------------- status and events
     def event(self, record: dict[str, Any]) -> None:
-        self._quietly(lambda: self.store.append_event({"node": self.node, **record}))
+        """Append ``record`` to the run's event log, off the caller's thread (the workers'
+        output relay calls this: an unreachable etcd must not block their stdout)."""
+        self._events.send({"node": self.node, **record})
 
     def set_status(self, status: dict[str, Any]) -> None:
         """This node's latest status; the publisher writes it only if others need it."""
@@ -436,6 +446,50 @@ def _rewind_request(snap: Snapshot) -> tuple[int, int] | None:
     if not isinstance(rewind, Mapping):
         return None
     return int(snap.control.get("seq", 0)), int(rewind["to_step"])
+
+
+class _EventSender:
+    """Appends the node's events to the run's event log in order, on its own thread. The queue
+    is bounded: during a long etcd outage the oldest unsent events are dropped (counted in one
+    ``events_dropped`` line), never the caller blocked."""
+
+    def __init__(self, group: Group) -> None:
+        self._group = group
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=EVENT_QUEUE_SIZE)
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._loop, name="group-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, record: dict[str, Any]) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(record)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self._dropped += 1
+
+    def stop(self, *, flush_seconds: float) -> None:
+        """Send what is queued (for at most ``flush_seconds``), then end the thread."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=flush_seconds)
+        self._thread.join(flush_seconds)
+
+    def _loop(self) -> None:
+        while (record := self._queue.get()) is not None:
+            if self._dropped:
+                self._group.log.warning("events_dropped", count=self._dropped)
+                self._dropped = 0
+            self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        group = self._group
+        group._quietly(lambda: group.store.append_event(record))
 
 
 class _Publisher:

@@ -79,6 +79,7 @@ def test_list_names_every_benchmark() -> None:
         "rendezvous",
         "membership",
         "membership_scale",
+        "chaos",
         "goodput",
     ]
 
@@ -129,3 +130,27 @@ def test_membership_bench_at_eight_participants_reports_rounds_writes_loss_and_i
     assert data["compare"]["c10d"]["4"]["seconds"] > 0
     assert data["compare"]["legacy"]["4"]["round"]["seconds"] > 0
     assert "| round of 1,024 |" in proc.stdout
+
+
+def test_chaos_bench_with_one_trial_of_worker_kill_and_bit_flip_reports_outcome_and_audit(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "chaos.json"
+    args = ["--kinds", "worker_kill,bit_flip", "--trials", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", *args, "--work", str(tmp_path / "work")],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,  # ~40 s on 2 cores
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = json.loads(out.read_text())["trials"]
+    assert [t["kind"] for t in trials] == ["worker_kill", "bit_flip"]
+    for trial in trials:
+        assert trial["documented"] is True, trial
+        assert trial["bad_loads"] == [] and trial["audit"]["ok"] is True, trial
+    assert trials[0]["restarts"] == ["crash"] and trials[0]["recovery_seconds"] > 0
+    assert "fell back" in trials[1]["outcome"]
+    assert "| every chaos trial as documented | all | 2/2 | True |" in proc.stdout

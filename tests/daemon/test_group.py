@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -269,3 +270,28 @@ def test_a_restarted_daemon_never_takes_a_round_from_before_it_started(
     again = groups("a", min_nodes=1, max_nodes=2)
     (second,) = join_all([again])
     assert second.round_id > first.round_id
+
+
+def test_events_leave_the_callers_thread_at_once_and_reach_etcd_in_order(
+    groups: GroupFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = groups("a")
+    gate = threading.Event()
+    append = a.store.append_event
+
+    def slow_append(record: dict[str, Any]) -> int:
+        gate.wait(WAIT_SECONDS)  # an etcd that does not answer, until the gate opens
+        return append(record)
+
+    monkeypatch.setattr(a.store, "append_event", slow_append)
+    started = time.monotonic()
+    for seq in range(5):  # what the workers' output relay hands over
+        a.event({"event": "checkpoint_commit", "step": seq})
+    assert time.monotonic() - started < 1.0  # the relay never waits for etcd
+    gate.set()
+    wait_for(
+        lambda: [e["step"] for e in a.store.events() if e["event"] == "checkpoint_commit"]
+        == [0, 1, 2, 3, 4],
+        timeout_seconds=WAIT_SECONDS,
+        what="the five events, in order",
+    )
