@@ -92,6 +92,9 @@ class BareRun:
         self.info = info
         self.step = 0
 
+    def consumed(self, step: int, sample_ids: Any) -> None:
+        """The bare loop keeps no data record."""
+
     def fault(self, kind: str) -> None:
         return None
 
@@ -126,6 +129,9 @@ class Timing:
 
     def fault(self, kind: str) -> Any:
         return self.run.fault(kind)
+
+    def consumed(self, step: int, sample_ids: Any) -> None:
+        self.run.consumed(step, sample_ids)
 
     def report(self, **kwargs: Any) -> Any:
         started = time.perf_counter()

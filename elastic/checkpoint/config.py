@@ -56,7 +56,7 @@ class CheckpointConfig:
         )
         if self.signing_key_file is not None:
             # Stat before reading: a FIFO would block the read, a device never end.
-            check_regular_file("signing_key_file", self.signing_key_file)
+            check_regular_file("checkpoint.signing_key_file", self.signing_key_file)
             try:
                 self.signing_key  # noqa: B018 (read once, here: a bad key fails at start)
             except ValueError as exc:

@@ -37,7 +37,7 @@ def test_quick_checkpoint_bench_writes_a_targets_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert "| benchmark | target | goal | measured | met |" in text
-    assert "| checkpoints | save throughput |" in text
+    assert "| checkpoints | save throughput (digests on) |" in text
     assert "The benchmark failed" not in text
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,17 +54,20 @@ def test_unknown_key_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (None, r"cannot read it \(No such file or directory\)"),
+        (None, "file not found"),
         ("", "the file is empty"),
         ("short\n", "the key has 5 bytes, at least 16"),
+        ("fifo", "not a regular file \\(a FIFO\\)"),  # stat'ed, never opened: no hang
     ],
-    ids=["missing", "empty", "short"],
+    ids=["missing", "empty", "short", "fifo"],
 )
 def test_a_bad_signing_key_file_is_one_config_error_naming_key_and_path(
     tmp_path: Path, content: str | None, problem: str
 ) -> None:
     path = tmp_path / "key"
-    if content is not None:
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ConfigError, match=rf"^checkpoint\.signing_key_file='{path}': {problem}"):
         build(CheckpointConfig, {"signing_key_file": str(path)}, path="checkpoint.")
