@@ -9,7 +9,6 @@ daemon relays worker lines, so worker lines must stay one object per line.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -35,7 +34,10 @@ def configure(*, stream: TextIO | None = None, level: str = "info", **context: A
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        # No stream: the process's stdout *when a line is written* (structlog then prints to
+        # whatever sys.stdout is), not the object it is now: a logger bound before a later
+        # swap of sys.stdout (pytest's capture, a redirect) would write to a closed file.
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
