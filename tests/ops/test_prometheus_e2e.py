@@ -30,6 +30,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from bench import scrape_cost
+from daemon.ports import free_port
 from ops import metrics_catalog as mc
 from tests.support.daemons import Daemon, daemons, merged_steps, start_daemon, tiny_job
 from tests.support.etcd import EtcdServer, etcd_server
@@ -131,6 +132,10 @@ def every_query() -> list[mc.Query]:
 # --- the run --------------------------------------------------------------------------------
 
 
+def _on_port(doc: dict[str, Any], port: int) -> dict[str, Any]:
+    return {**doc, "metrics": {**doc.get("metrics", {}), "port": port}}
+
+
 @dataclass
 class LiveRun:
     group: list[Daemon]
@@ -163,17 +168,25 @@ def live(
         faults=FAULTS,
     )
     env = {"ELASTICD_ALLOW_FAULTS": "1"}
+    # Prometheus starts first, on ports picked for the daemons: it scrapes each node from its
+    # first second, long before the workers reach the faults (started after the daemons, on a
+    # loaded machine the run once reached the NaN before the first scrape).
+    ports = {name: free_port() for name in ("a", "b")}
     with contextlib.ExitStack() as stack:
-        group = stack.enter_context(daemons())
-        group += [start_daemon(doc, name=n, log_dir=tmp, env=env) for n in ("a", "b")]
-        targets = [f"127.0.0.1:{d.http_port()}" for d in group]
         prom = stack.enter_context(
             PrometheusServer(
-                targets, scrape_interval_seconds=SCRAPE_SECONDS, rule_files=[mc.RULES_PATH]
+                [f"127.0.0.1:{port}" for port in ports.values()],
+                scrape_interval_seconds=SCRAPE_SECONDS,
+                rule_files=[mc.RULES_PATH],
             )
         )
         watch = stack.enter_context(prom.watch(_alert_expr(DIVERGENCE_ALERT), poll_seconds=0.2))
-        prom.wait_for('count(up{job="elasticd"} == 1) == 2', timeout_seconds=30)
+        group = stack.enter_context(daemons())
+        group += [
+            start_daemon(_on_port(doc, port), name=n, log_dir=tmp, env=env)
+            for n, port in ports.items()
+        ]
+        prom.wait_for('count(up{job="elasticd"} == 1) == 2', timeout_seconds=60)
         yield LiveRun(group, prom, watch, scraping_since=time.time())
 
 

@@ -116,12 +116,18 @@ def test_rank_zero_deletes_the_store_of_earlier_rounds(run_id: str) -> None:
         for client in clients
     ]
     rounds: dict[int, list[int]] = {0: [], 1: []}
+    # Both nodes return from round one before either asks for the next round, as daemons do
+    # (their workers ran on it). Without it, a node that re-joins at once opens round two
+    # before its peer has read round one's result, and the peer then joins round two directly.
+    round_one_read = threading.Barrier(2, timeout=60)
 
     def participate(index: int) -> None:
         for round_index in (0, 1):
             info = handlers[index].next_rendezvous()
             info.store.set(f"written-by-{info.rank}", "x")
             rounds[round_index].append(handlers[index].round)
+            if round_index == 0:
+                round_one_read.wait()
 
     threads = [threading.Thread(target=participate, args=(i,)) for i in range(2)]
     for thread in threads:
