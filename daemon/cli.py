@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from daemon import scheduling
     from daemon.config import resolve_to_start, security_warnings
     from daemon.supervisor import Supervisor
 
@@ -90,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     jsonlog.bind(run_id=config.run_id)
     for line in security_warnings(config):
         jsonlog.get("daemon.cli").warning("config_warning", detail=line)
+    scheduling.as_daemon()  # before any thread or child starts: they inherit it
     return Supervisor(config, document, node_id=args.node_id, environ=dict(os.environ)).run()
 
 

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from daemon import scheduling
 from daemon.config import WorkerConfig
 from elastic.config import WORKER_ENV_PREFIX
 from elastic.protocol import Env, Event, error_file, is_standby_ready, parse_line, standby_order
@@ -132,6 +133,13 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def _in_worker() -> None:
+    """Runs in a worker before exec: dies with the daemon, and trains under the normal CPU
+    policy, not the daemon's (:mod:`daemon.scheduling`)."""
+    die_with_parent()
+    scheduling.as_worker()
+
+
 def _is_config_env(name: str) -> bool:
     # The resolved document already holds every override; workers must not re-apply them.
     return (
@@ -180,7 +188,7 @@ class StandbyPool:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we stop the whole tree
-            preexec_fn=die_with_parent,
+            preexec_fn=_in_worker,
         )
 
     def fill(self) -> None:

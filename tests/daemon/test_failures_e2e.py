@@ -36,6 +36,9 @@ def test_sigkilled_worker_is_restarted_from_the_newest_checkpoint(
         recoveries, newest_at_kill = [], []
         for trial, kill_at in enumerate((15, 33)):
             wait_step(group, kill_at, timeout_seconds=240)
+            if trial == 0:  # the daemon never pre-empts its workers (daemon/scheduling.py)
+                assert os.sched_getscheduler(node.proc.pid) == os.SCHED_BATCH
+                assert {os.sched_getscheduler(p) for p in node.worker_pids()} == {os.SCHED_OTHER}
             victim = node.worker_pids()[1]
             killed_at = time.time()
             os.kill(victim, signal.SIGKILL)
