@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import torch.serialization
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import (
@@ -38,6 +39,7 @@ from elastic.checkpoint.errors import (
     is_temporary,
     storage_error,
 )
+from elastic.checkpoint.in_place import NotInPlace, tensor_in_place
 from elastic.checkpoint.integrity import DigestingFile, MemoryFile, WrittenFile, read_verified
 from elastic.checkpoint.priority import BackgroundPriority
 from elastic.checkpoint.writeback import WritebackFile
@@ -260,23 +262,47 @@ class CheckpointReader(FsspecReader):
     ) -> None:
         """Read and check ``name``, then deserialise ``plan`` (its items) from that memory;
         with ``runs_on``, the tensors in ``READ_THREADS`` runs on that pool."""
-        with self.fs.serving(name, self.fs.fetch(name)):
-            if runs_on is None:
-                FsspecReader.read_data(self, plan, planner).wait()
-                return
+        data = self.fs.fetch(name)
+        with self.fs.serving(name, data):
             others = [i for i in plan.items if i.type == LoadItemType.BYTE_IO]
             tensors = [i for i in plan.items if i.type != LoadItemType.BYTE_IO]
             if others:
                 FsspecReader.read_data(self, dataclasses.replace(plan, items=others), planner)
+            if runs_on is None:
+                self._load_tensors(data, plan, tensors, planner)
+                return
             runs = [r for r in _runs(tensors, self._length, READ_THREADS) if r]
-            parts = [
-                runs_on.submit(
-                    FsspecReader.read_data, self, dataclasses.replace(plan, items=r), planner
-                )
-                for r in runs
-            ]
+            parts = [runs_on.submit(self._load_tensors, data, plan, r, planner) for r in runs]
             for part in parts:
-                part.result().wait()
+                part.result()
+
+    def _load_tensors(
+        self, data: memoryview, plan: LoadPlan, items: list[ReadItem], planner: LoadPlanner
+    ) -> None:
+        """Copy each tensor item from ``data`` (its checked file) into its destination: viewed
+        in place where it can be (``in_place.py``, one copy), else through DCP's ``torch.load``.
+        """
+        others: list[ReadItem] = []
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            try:
+                if info.transform_descriptors:
+                    raise NotInPlace("transformed on save")
+                tensor = tensor_in_place(data[info.offset : info.offset + info.length])
+            except NotInPlace:
+                others.append(item)
+                continue
+            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != tensor.size():
+                raise CheckpointError(
+                    f"{info.relative_path}: {item.storage_index.fqn} is {tuple(tensor.size())}"
+                    f" in the checkpoint, {tuple(target.size())} in the state loaded into"
+                )
+            target.copy_(tensor)
+            planner.commit_tensor(item, target)
+        if others:
+            FsspecReader.read_data(self, dataclasses.replace(plan, items=others), planner).wait()
 
     def _order(self, item: ReadItem) -> tuple[str, bool, int]:
         """File, then non-tensor items first, then offset."""
