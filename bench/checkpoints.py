@@ -40,6 +40,7 @@ from bench import checkpoint_throughput as ct
 from bench.common import MB, Section, Target, evict, fmt, spread, table
 from elastic import jsonlog
 from elastic.checkpoint import CheckpointConfig, CheckpointManager, Storage
+from elastic.checkpoint.integrity import read_verified
 from elastic.checkpoint.writeback import WritebackFile
 
 TITLE = "4. Checkpoints"
@@ -57,6 +58,18 @@ def raw_write(path: Path, tensors: list[torch.Tensor], *, early_writeback: bool 
         raw.flush()
         os.fsync(raw.fileno())
     return time.perf_counter() - started
+
+
+def checked_read(path: Path) -> float:
+    """Seconds to read ``path`` as the load's first phase does (``read_verified``: into fresh
+    memory, hashing as it goes), with no DCP: the part of a load before deserialising."""
+    size_bytes = path.stat().st_size
+    started = time.perf_counter()
+    with path.open("rb", buffering=0) as fh:
+        data = read_verified(fh, name=path.name, size_bytes=size_bytes, blake3=None)
+    seconds = time.perf_counter() - started
+    del data
+    return seconds
 
 
 def raw_read(path: Path, chunk_bytes: int) -> float:
@@ -146,8 +159,8 @@ def timed_async_save(
 
 WRITES = ["write", "write_wb", "save"]
 """A trial's writes, in :func:`in_turn` order: raw, raw with early writeback, sync save."""
-READS = ["read", "load"]
-"""A trial's reads: raw, then load (rotated as the writes)."""
+READS = ["read", "read_checked", "load"]
+"""A trial's reads: raw, raw into fresh memory with BLAKE3, load (rotated as the writes)."""
 
 
 def _xs(ratios: list[float]) -> str:
@@ -198,6 +211,7 @@ def local_disk(
             ),
             "save": functools.partial(timed_save, sync, i, state),
             "read": functools.partial(raw_read, raw, chunk),
+            "read_checked": functools.partial(checked_read, raw),
             "load": functools.partial(timed_load, i),
         }
         for key in in_turn(WRITES, i) + in_turn(READS, i):
@@ -358,7 +372,7 @@ def run(work: Path, *, quick: bool) -> Section:
     size = ct.state_bytes(state)
     digests = {a: ct.digest_seconds(state, a, repeats) for a in ct.DIGESTS}
     dcp = local_disk(work, state, trials=trials, async_trials=repeats)
-    raw = {k: dcp.pop(k) for k in ("write", "write_wb", "read")}
+    raw = {k: dcp.pop(k) for k in ("write", "write_wb", "read", "read_checked")}
     del state
     shard = reshard(work, reshard_mb, repeats)
     s3_times = s3(s3_mb, 2)
@@ -385,6 +399,8 @@ def run(work: Path, *, quick: bool) -> Section:
     save_pos = by_position(WRITES, times, "save", "write")
     save_wb_pos = by_position(WRITES, times, "save", "write_wb")
     load_pos = by_position(READS, times, "load", "read")
+    fresh_pos = by_position(READS, times, "read_checked", "read")  # fresh memory + BLAKE3
+    rest_pos = by_position(READS, times, "load", "read_checked")  # DCP, copies, manifest
     save_ratio, load_ratio = min(save_pos), min(load_pos)
     save_paired = paired_throughput_ratio(dcp["save"], raw["write"])
     save_wb_paired = paired_throughput_ratio(dcp["save"], raw["write_wb"])
@@ -421,6 +437,10 @@ def run(work: Path, *, quick: bool) -> Section:
                     row("raw write + early writeback + fsync", raw["write_wb"]),
                     row("CheckpointManager.save (sync, DCP + manifest)", dcp["save"]),
                     row("raw read, uncached (baseline)", raw["read"]),
+                    row(
+                        "raw read into fresh memory + BLAKE3 (a load's first phase)",
+                        raw["read_checked"],
+                    ),
                     row("CheckpointManager.load (uncached)", dcp["load"]),
                     row(
                         "async, copy in save(): save() blocks, first save", dcp["inline_block"][:1]
@@ -474,6 +494,10 @@ def run(work: Path, *, quick: bool) -> Section:
             f"early writeback {save_wb_paired:.2f}x, load {load_paired:.2f}x. Per-trial save / "
             f"raw write: {_per_trial(dcp['save'], raw['write'])}; load / raw read: "
             f"{_per_trial(dcp['load'], raw['read'])}. "
+            "Where the load's time goes, by position: the checked read (the same file read "
+            "into fresh memory and hashed, no DCP) / raw read "
+            f"**{_xs(fresh_pos)}**, load / checked read **{_xs(rest_pos)}** (DCP's planning, "
+            "viewing each tensor in place and copying it into the state, the manifest). "
             "Async blocking / sync save median (time), "
             f"later saves: copy in save() **{ratios['inline']:.3f}x**, background copy with "
             f"nothing to overlap **{ratios['idle']:.3f}x**, overlapped "
