@@ -34,6 +34,7 @@ from daemon.ports import free_port
 from ops import metrics_catalog as mc
 from tests.support.daemons import Daemon, daemons, merged_steps, start_daemon, tiny_job
 from tests.support.etcd import EtcdServer, etcd_server
+from tests.support.jobs import with_overrides
 from tests.support.procs import wait_for
 from tests.support.prometheus import (
     ExpressionWatch,
@@ -132,10 +133,6 @@ def every_query() -> list[mc.Query]:
 # --- the run --------------------------------------------------------------------------------
 
 
-def _on_port(doc: dict[str, Any], port: int) -> dict[str, Any]:
-    return {**doc, "metrics": {**doc.get("metrics", {}), "port": port}}
-
-
 @dataclass
 class LiveRun:
     group: list[Daemon]
@@ -183,7 +180,9 @@ def live(
         watch = stack.enter_context(prom.watch(_alert_expr(DIVERGENCE_ALERT), poll_seconds=0.2))
         group = stack.enter_context(daemons())
         group += [
-            start_daemon(_on_port(doc, port), name=n, log_dir=tmp, env=env)
+            start_daemon(
+                with_overrides(dict(doc), {"metrics": {"port": port}}), name=n, log_dir=tmp, env=env
+            )
             for n, port in ports.items()
         ]
         prom.wait_for('count(up{job="elasticd"} == 1) == 2', timeout_seconds=60)
