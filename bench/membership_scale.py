@@ -274,12 +274,16 @@ def _round_figures(
     last_received = max(p.received for p in participants)
     decode = [p.decode_seconds for p in participants]
     closed_at = opener.kv.closed_at
+    close_sent_at = opener.kv.close_sent_at
     return {
         "num_nodes": len(participants) + 1,
         "participants": len(record.participants),
         "last_put_to_all_received_seconds": last_received - last_put,
         "last_put_to_close_seconds": closed_at - last_put if closed_at else None,
         "close_to_all_received_seconds": last_received - closed_at if closed_at else None,
+        "close_sent_to_all_received_seconds": (
+            last_received - close_sent_at if close_sent_at else None
+        ),
         "join_instant_to_all_received_seconds": last_received - start_at,
         "decode_p50_seconds": statistics.median(decode),
         "decode_max_seconds": max(decode),

@@ -40,13 +40,18 @@ THREAD_STACK_BYTES = 512 * 1024  # thousands of threads per process: keep their 
 
 
 class _TimedClient(EtcdClient):
-    """An ``EtcdClient`` noting its join put (start, end) and a successful closing CAS (end)."""
+    """An ``EtcdClient`` noting its join put (start, end) and a successful closing CAS (start, end).
+
+    Only the CAS's start is causally before every watcher's receipt of the closed round: its
+    end is noted when this thread next runs, which on a busy machine can be after the watchers.
+    """
 
     def __init__(self, config: EtcdConfig, keys: RunKeys) -> None:
         super().__init__(config)
         self._joins_root = keys.joins_root
         self.join_put: tuple[float, float] | None = None
         self.closed_at: float | None = None
+        self.close_sent_at: float | None = None
 
     def put(self, key: str, value: bytes, *, lease_id: int | None = None) -> int:
         started = time.monotonic()
@@ -56,10 +61,11 @@ class _TimedClient(EtcdClient):
         return revision
 
     def commit(self, key: str, *, expected_mod_revision: int, ops: Sequence[Op]) -> TxnResult:
+        started = time.monotonic()
         result = super().commit(key, expected_mod_revision=expected_mod_revision, ops=ops)
         current = result.current
         if result.succeeded and current and decode_round(key, current.value).closed:
-            self.closed_at = time.monotonic()
+            self.close_sent_at, self.closed_at = started, time.monotonic()
         return result
 
 
@@ -191,7 +197,7 @@ class Worker:
             for p in self._participants.values()
         ]
         for p in self._participants.values():
-            p.kv.join_put, p.kv.closed_at = None, None
+            p.kv.join_put, p.kv.closed_at, p.kv.close_sent_at = None, None, None
         time.sleep(max(0.0, start_at - time.monotonic()))
         for thread in threads:
             thread.start()
