@@ -12,12 +12,13 @@ DCP's fsspec file system; :class:`~elastic.checkpoint.storage.Storage` builds th
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch.serialization
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -40,8 +41,20 @@ from elastic.checkpoint.errors import (
     storage_error,
 )
 from elastic.checkpoint.in_place import NotInPlace, tensor_in_place
-from elastic.checkpoint.integrity import DigestingFile, MemoryFile, WrittenFile, read_verified
+from elastic.checkpoint.integrity import (
+    DigestingFile,
+    MemoryFile,
+    WrittenFile,
+    read_verified,
+    verified_chunks,
+)
 from elastic.checkpoint.priority import BackgroundPriority
+from elastic.checkpoint.streamed import (
+    STREAM_MIN_BYTES,
+    Destination,
+    ItemStream,
+    StorageLayout,
+)
 from elastic.checkpoint.writeback import WritebackFile
 
 __all__ = ["READ_THREADS", "WRITE_THREADS", "CheckpointReader", "CheckpointWriter", "relative_to"]
@@ -217,11 +230,23 @@ class CheckpointReader(FsspecReader):
     """
 
     def __init__(
-        self, url: str, *, files: Mapping[str, int], blake3: Mapping[str, str], **kwargs: Any
+        self,
+        url: str,
+        *,
+        files: Mapping[str, int],
+        blake3: Mapping[str, str],
+        chunks: Mapping[str, Sequence[str]],
+        chunk_bytes: int,
+        **kwargs: Any,
     ) -> None:
         super().__init__(url, **kwargs)
         self.fs: _VerifiedFileSystem = _VerifiedFileSystem(  # type: ignore[assignment]
-            self.fs, root=str(self.path), files=files, blake3=blake3
+            self.fs,
+            root=str(self.path),
+            files=files,
+            blake3=blake3,
+            chunks=chunks,
+            chunk_bytes=chunk_bytes,
         )
 
     @property
@@ -261,7 +286,12 @@ class CheckpointReader(FsspecReader):
         runs_on: ThreadPoolExecutor | None = None,
     ) -> None:
         """Read and check ``name``, then deserialise ``plan`` (its items) from that memory;
-        with ``runs_on``, the tensors in ``READ_THREADS`` runs on that pool."""
+        with ``runs_on``, the tensors in ``READ_THREADS`` runs on that pool. A file with chunk
+        digests is streamed instead (:meth:`_stream_file`)."""
+        infos = [self.storage_data[i.storage_index] for i in plan.items]
+        if self.fs.has_chunks(name) and not any(i.transform_descriptors for i in infos):
+            self._stream_file(name, plan.items, planner)
+            return
         data = self.fs.fetch(name)
         with self.fs.serving(name, data):
             others = [i for i in plan.items if i.type == LoadItemType.BYTE_IO]
@@ -275,6 +305,34 @@ class CheckpointReader(FsspecReader):
             parts = [runs_on.submit(self._load_tensors, data, plan, r, planner) for r in runs]
             for part in parts:
                 part.result()
+
+    def _stream_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+        """Read ``name`` a checked chunk at a time, each item's tensor bytes copied into their
+        destinations as they go by (``streamed.py``); other items gathered and loaded whole."""
+        by_offset: dict[int, list[ReadItem]] = {}
+        for item in items:
+            by_offset.setdefault(self._position(item)[1], []).append(item)
+        streams = []
+        for offset in sorted(by_offset):
+            reads = by_offset[offset]
+            length = self._length(reads[0])
+            tensor = all(r.type != LoadItemType.BYTE_IO for r in reads)
+            sink = _PlannerSink(self, reads, planner)
+            streamable = tensor and length >= STREAM_MIN_BYTES
+            streams.append(ItemStream(offset, length, sink, streamable=streamable))
+        pending = iter(streams)
+        current = next(pending, None)
+        for chunk_offset, chunk in self.fs.verified_chunks(name):
+            chunk_end = chunk_offset + chunk.nbytes
+            while current is not None and current.offset < chunk_end:
+                lo, hi = max(current.offset, chunk_offset), min(current.end, chunk_end)
+                current.feed(chunk[lo - chunk_offset : hi - chunk_offset])
+                if current.end > chunk_end:
+                    break
+                current.finish()
+                current = next(pending, None)
+        if current is not None:
+            raise CheckpointError(f"{name}: item at byte {current.offset} lies past the file")
 
     def _load_tensors(
         self, data: memoryview, plan: LoadPlan, items: list[ReadItem], planner: LoadPlanner
@@ -292,17 +350,27 @@ class CheckpointReader(FsspecReader):
             except NotInPlace:
                 others.append(item)
                 continue
-            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
-            target = planner.resolve_tensor(item).detach()
-            if target.size() != tensor.size():
-                raise CheckpointError(
-                    f"{info.relative_path}: {item.storage_index.fqn} is {tuple(tensor.size())}"
-                    f" in the checkpoint, {tuple(target.size())} in the state loaded into"
-                )
-            target.copy_(tensor)
-            planner.commit_tensor(item, target)
+            self.copy_into(item, tensor, planner)
         if others:
             FsspecReader.read_data(self, dataclasses.replace(plan, items=others), planner).wait()
+
+    def copy_into(self, item: ReadItem, tensor: torch.Tensor, planner: LoadPlanner) -> None:
+        """Copy ``item``'s part of ``tensor`` (the whole saved tensor) into its destination."""
+        saved = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = self.target_for(item, saved, planner)
+        target.copy_(saved)
+        planner.commit_tensor(item, target)
+
+    def target_for(self, item: ReadItem, saved: torch.Tensor, planner: LoadPlanner) -> torch.Tensor:
+        """``item``'s destination, checked against ``saved`` (its part of the saved tensor)."""
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != saved.size():
+            info = self.storage_data[item.storage_index]
+            raise CheckpointError(
+                f"{info.relative_path}: {item.storage_index.fqn} is {tuple(saved.size())}"
+                f" in the checkpoint, {tuple(target.size())} in the state loaded into"
+            )
+        return target
 
     def _order(self, item: ReadItem) -> tuple[str, bool, int]:
         """File, then non-tensor items first, then offset."""
@@ -317,35 +385,113 @@ class CheckpointReader(FsspecReader):
         return int(self.storage_data[item.storage_index].length)
 
 
+class _PlannerSink:
+    """One stored item's reads, delivered to DCP's load planner (a ``streamed.ItemSink``)."""
+
+    def __init__(self, reader: CheckpointReader, reads: list[ReadItem], planner: LoadPlanner):
+        self._reader = reader
+        self._reads = reads
+        self._planner = planner
+        self._targets: list[torch.Tensor] = []
+
+    def destinations(self, layout: StorageLayout) -> list[Destination]:
+        destinations, targets = [], []
+        for read in self._reads:
+            saved = narrow_tensor_by_index(layout.tensor, read.storage_offsets, read.lengths)
+            target = self._reader.target_for(read, saved, self._planner)
+            same = target.dtype == saved.dtype and target.device.type != "meta"
+            if not (same and target.is_contiguous() and saved.is_contiguous()):
+                raise NotInPlace("a destination of another dtype or not contiguous")
+            start = int(saved.storage_offset()) * saved.element_size()
+            if start + saved.numel() * saved.element_size() > layout.payload_bytes:
+                raise NotInPlace("a part beyond the storage record")
+            destinations.append(Destination(start, target.view(-1).view(torch.uint8)))  # no copy
+            targets.append(target)
+        self._targets = targets
+        return destinations
+
+    def streamed(self) -> None:
+        for read, target in zip(self._reads, self._targets, strict=True):
+            self._planner.commit_tensor(read, target)
+
+    def whole(self, blob: memoryview) -> None:
+        for read in self._reads:
+            if read.type == LoadItemType.BYTE_IO:
+                self._planner.load_bytes(read, io.BytesIO(bytes(blob)))
+            else:
+                self._reader.copy_into(read, _saved_tensor(blob), self._planner)
+
+
+def _saved_tensor(blob: memoryview) -> torch.Tensor:
+    """The tensor ``torch.save``d in ``blob``: viewed in place, else through ``torch.load``."""
+    try:
+        return tensor_in_place(blob)
+    except NotInPlace:
+        loaded = torch.load(
+            cast(IO[bytes], MemoryFile(blob)), map_location="cpu", weights_only=True
+        )
+        if not isinstance(loaded, torch.Tensor):
+            raise CheckpointError(f"a tensor item holds a {type(loaded).__name__}") from None
+        return loaded
+
+
 class _VerifiedFileSystem(FileSystem):  # type: ignore[misc]
     """DCP's fsspec file system, read side: only listed files, each checked before use."""
 
     def __init__(
-        self, base: Any, *, root: str, files: Mapping[str, int], blake3: Mapping[str, str]
+        self,
+        base: Any,
+        *,
+        root: str,
+        files: Mapping[str, int],
+        blake3: Mapping[str, str],
+        chunks: Mapping[str, Sequence[str]],
+        chunk_bytes: int,
     ) -> None:
         super().__init__()
         self.fs = base.fs
         self._root = root
         self._files = dict(files)
         self._blake3 = dict(blake3)
+        self._chunks = dict(chunks)
+        self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self._serving: dict[str, memoryview] = {}
         self.failure: CheckpointUntrusted | None = None
 
+    def has_chunks(self, name: str) -> bool:
+        return name in self._chunks
+
     def fetch(self, name: str) -> memoryview:
         """The bytes of ``name``, read once and checked against the manifest."""
+        with self._reading(name) as stream:
+            return read_verified(
+                stream, name=name, size_bytes=self._files[name], blake3=self._blake3.get(name)
+            )
+
+    def verified_chunks(self, name: str) -> Iterator[tuple[int, memoryview]]:
+        """``name`` a chunk at a time, each checked against the manifest before it is
+        yielded (``integrity.verified_chunks``: use each before asking for the next)."""
+        with self._reading(name) as stream:
+            yield from verified_chunks(
+                stream,
+                name=name,
+                size_bytes=self._files[name],
+                chunk_bytes=self._chunk_bytes,
+                digests=self._chunks[name],
+            )
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[Any]:
+        """The stored file ``name`` open for reading; a file that fails its check is kept
+        in :attr:`failure`, a storage failure is reported as a checkpoint storage error."""
         try:
             if name not in self._files:
                 raise CheckpointUntrusted(f"{name}: not listed in the manifest", file=name)
             path = self.concat_path(self._root, name)
             try:
                 with super().create_stream(path, "rb") as stream:
-                    return read_verified(
-                        cast(Any, stream),
-                        name=name,
-                        size_bytes=self._files[name],
-                        blake3=self._blake3.get(name),
-                    )
+                    yield stream
             except CheckpointError:
                 raise
             except Exception as exc:

@@ -29,7 +29,7 @@ from torch import _weights_only_unpickler
 
 from elastic.checkpoint.integrity import MemoryFile
 
-__all__ = ["NotInPlace", "tensor_in_place"]
+__all__ = ["NotInPlace", "check_byte_order", "storage_reference", "tensor_in_place"]
 
 
 class NotInPlace(Exception):
@@ -45,9 +45,9 @@ def tensor_in_place(blob: memoryview) -> torch.Tensor:
     try:
         reader = torch._C.PyTorchFileReader(cast(IO[bytes], MemoryFile(blob)))
         records = set(reader.get_all_records())
-        order = reader.get_record("byteorder") if "byteorder" in records else b"little"
-        if bytes(order).decode() != sys.byteorder:
-            raise NotInPlace(f"byte order {bytes(order)!r}")
+        check_byte_order(
+            {"byteorder": reader.get_record("byteorder")} if "byteorder" in records else {}
+        )
         unpickler = _weights_only_unpickler.Unpickler(
             io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8"
         )
@@ -62,6 +62,26 @@ def tensor_in_place(blob: memoryview) -> torch.Tensor:
     return result
 
 
+def storage_reference(saved_id: Any) -> tuple[str, torch.dtype, int]:
+    """The record key, dtype and size in bytes of a ``data.pkl`` storage reference; raises
+    :class:`NotInPlace` for anything but ``("storage", <storage type>, key, location, numel)``."""
+    if not (isinstance(saved_id, tuple) and len(saved_id) == 5):
+        raise NotInPlace(f"storage reference {saved_id!r}")
+    kind, storage_type, key, _location, numel = saved_id
+    if kind not in ("storage", b"storage") or not isinstance(numel, int) or numel < 0:
+        raise NotInPlace(f"storage reference {saved_id!r}")
+    key = key.decode() if isinstance(key, bytes) else str(key)
+    dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+    return key, dtype, numel * torch._utils._element_size(dtype)
+
+
+def check_byte_order(records: Any) -> None:
+    """Raise :class:`NotInPlace` unless ``records`` (name -> bytes) say this machine's order."""
+    order = bytes(records["byteorder"]) if "byteorder" in records else b"little"
+    if order.decode(errors="replace") != sys.byteorder:
+        raise NotInPlace(f"byte order {order!r}")
+
+
 class _StorageViews:
     """``persistent_load`` for ``data.pkl``: each storage reference becomes a view of its
     record's bytes inside the blob (each record used once)."""
@@ -73,20 +93,13 @@ class _StorageViews:
         self._used: set[str] = set()
 
     def __call__(self, saved_id: Any) -> torch.storage.TypedStorage:
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 5):
-            raise NotInPlace(f"storage reference {saved_id!r}")
-        kind, storage_type, key, _location, numel = saved_id
-        if kind not in ("storage", b"storage") or not isinstance(numel, int):
-            raise NotInPlace(f"storage reference {saved_id!r}")
-        key = key.decode() if isinstance(key, bytes) else str(key)
+        key, dtype, size_bytes = storage_reference(saved_id)
         name = f"data/{key}"
         if name not in self._records or name in self._used:
             raise NotInPlace(f"record {name} missing or shared")
         self._used.add(name)
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        size_bytes = numel * torch._utils._element_size(dtype)
         if self._reader.get_record_size(name) != size_bytes:
-            raise NotInPlace(f"record {name}: size does not match {numel} x {dtype}")
+            raise NotInPlace(f"record {name}: size does not match {size_bytes} bytes of {dtype}")
         start = int(self._reader.get_record_offset(name))
         if start < 0 or start + size_bytes > len(self._blob):
             raise NotInPlace(f"record {name} outside the item")

@@ -1,11 +1,15 @@
 """Integrity: a BLAKE3 per checkpoint file, computed while writing, checked before reading.
 
 Every checkpoint file is hashed while it is written (:class:`DigestingFile` sits in the write
-stream, so a save never reads its files back) and the manifest lists each file's digest. A
-load reads each file once into memory, hashes it and compares (:func:`read_verified`) before a
-single byte of it reaches ``pickle`` or ``torch.load``; DCP then deserialises from that memory
-(:class:`MemoryFile`), so what was checked is exactly what is used (re-reading the file after
-checking it would let a file swapped in between pass).
+stream, so a save never reads its files back), whole and in ``DIGEST_CHUNK_BYTES`` chunks, and
+the manifest lists both. A load reads each shard once, a chunk at a time through one reused
+buffer, and compares each chunk's digest (:func:`verified_chunks`) before any byte of it is
+used (``streamed.py`` copies tensor bytes into place, anything else is deserialised from
+checked memory); small files such as ``.metadata``, and the files of a manifest without chunk
+digests (format 2), are read whole into memory and checked (:func:`read_verified`) before a
+single byte reaches ``pickle`` or ``torch.load``, then served from that memory
+(:class:`MemoryFile`). Either way what was checked is exactly what is used (re-reading a file
+after checking it would let a file swapped in between pass).
 
 A digest only catches accidents unless the manifest that lists it is trusted too: with a
 signing key (``checkpoint.signing_key_file``, ``signing.py``) the manifest carries an
@@ -30,6 +34,7 @@ import hmac
 import io
 import mmap
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,16 +45,22 @@ from elastic.checkpoint.errors import CheckpointUntrusted
 
 __all__ = [
     "DIGEST_ALGORITHM",
+    "DIGEST_CHUNK_BYTES",
     "DigestingFile",
     "MemoryFile",
     "WrittenFile",
     "hash_stream",
     "read_verified",
+    "verified_chunks",
 ]
 
 DIGEST_ALGORITHM = "blake3"
 READ_CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes read (then hashed) at a time; the kernel reads ahead on local disk meanwhile."""
+DIGEST_CHUNK_BYTES = 16 * 1024 * 1024
+"""Each file is also hashed in chunks of this many bytes (the last one shorter), listed in
+the manifest (format 3), so a load can check a chunk and use it before reading the next one
+(``streamed.py``) instead of holding the whole file. 1 GiB of state lists 64 chunk digests."""
 
 
 def new_hasher() -> Any:
@@ -58,10 +69,41 @@ def new_hasher() -> Any:
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """What a writer put into one checkpoint file: its size and its BLAKE3 (hex)."""
+    """What a writer put into one checkpoint file: its size, its BLAKE3 (hex) and the BLAKE3
+    of each ``DIGEST_CHUNK_BYTES`` chunk of it (hex, in order; none for an empty file)."""
 
     size_bytes: int
     blake3: str
+    chunks: tuple[str, ...] = ()
+    chunk_bytes: int = DIGEST_CHUNK_BYTES
+
+
+class _ChunkHasher:
+    """BLAKE3 of each ``chunk_bytes`` chunk of a byte stream fed in pieces of any size."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._hasher = new_hasher()
+        self._filled = 0
+        self.digests: list[str] = []
+
+    def update(self, view: memoryview) -> None:
+        while view.nbytes:
+            take = min(view.nbytes, self.chunk_bytes - self._filled)
+            self._hasher.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_bytes:
+                self._close_chunk()
+
+    def finish(self) -> tuple[str, ...]:
+        if self._filled:
+            self._close_chunk()
+        return tuple(self.digests)
+
+    def _close_chunk(self) -> None:
+        self.digests.append(self._hasher.hexdigest())
+        self._hasher, self._filled = new_hasher(), 0
 
 
 class _Readable(Protocol):
@@ -82,6 +124,7 @@ class DigestingFile:
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self._hasher = new_hasher()
+        self._chunks = _ChunkHasher(DIGEST_CHUNK_BYTES)
         self.size_bytes = 0
         self.error: BaseException | None = None
 
@@ -93,7 +136,9 @@ class DigestingFile:
             self.error = self.error or exc
             raise
         count = view.nbytes if written is None else int(written)
-        self._hasher.update(view if count == view.nbytes else view.cast("B")[:count])
+        done = view.cast("B")[:count]
+        self._hasher.update(done)
+        self._chunks.update(done)
         self.size_bytes += count
         return count
 
@@ -110,7 +155,12 @@ class DigestingFile:
         raise io.UnsupportedOperation("checkpoint files are written front to back")
 
     def record(self) -> WrittenFile:
-        return WrittenFile(size_bytes=self.size_bytes, blake3=self._hasher.hexdigest())
+        return WrittenFile(
+            size_bytes=self.size_bytes,
+            blake3=self._hasher.hexdigest(),
+            chunks=self._chunks.finish(),
+            chunk_bytes=self._chunks.chunk_bytes,
+        )
 
     def _call(self, name: str) -> None:
         try:
@@ -149,6 +199,60 @@ def read_verified(
     return view
 
 
+def verified_chunks(
+    stream: _Readable, *, name: str, size_bytes: int, chunk_bytes: int, digests: Sequence[str]
+) -> Iterator[tuple[int, memoryview]]:
+    """``stream`` (the file ``name``) chunk by chunk, each checked before it is yielded.
+
+    Yields ``(offset, chunk)`` for each ``chunk_bytes`` chunk (the last one shorter) once its
+    BLAKE3 matched ``digests``; every chunk is read into the same buffer, so a chunk must be
+    used before the next one is asked for. Raises :class:`CheckpointUntrusted` naming the file
+    when a chunk does not match, or the file is shorter or longer than ``size_bytes``.
+    """
+    expected = -(-size_bytes // chunk_bytes) if chunk_bytes > 0 else -1
+    if len(digests) != expected:
+        raise CheckpointUntrusted(
+            f"{name}: {len(digests)} chunk digests listed for {size_bytes} bytes", file=name
+        )
+    buffer = memoryview(bytearray(min(size_bytes, chunk_bytes)))
+    ahead = _ReadAhead(stream, chunk_bytes)
+    for index, digest in enumerate(digests):
+        offset = index * chunk_bytes
+        ahead.ask(offset + chunk_bytes)  # the disk reads the next chunk while this one is used
+        chunk = buffer[: min(chunk_bytes, size_bytes - offset)]
+        done = 0
+        while done < chunk.nbytes:
+            count = stream.readinto(chunk[done:])
+            if not count:
+                raise CheckpointUntrusted(
+                    f"{name}: {offset + done} bytes, manifest says {size_bytes}", file=name
+                )
+            done += count
+        hasher = new_hasher()  # one thread: the threads reading other files use the other cores
+        hasher.update(chunk)
+        _compare(name, hasher.hexdigest(), digest, where=f"chunk at byte {offset}: ")
+        yield offset, chunk
+    if stream.read(1):
+        raise CheckpointUntrusted(f"{name}: longer than the {size_bytes} bytes listed", file=name)
+
+
+class _ReadAhead:
+    """Asks the kernel to start reading a local file's next chunk (``POSIX_FADV_WILLNEED``), so
+    that the disk works while the current chunk is hashed and copied; a no-op for streams
+    without a file descriptor (object stores read ahead in their own client)."""
+
+    def __init__(self, stream: Any, chunk_bytes: int) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            self._fd = int(stream.fileno())
+
+    def ask(self, offset: int) -> None:
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, offset, self._chunk_bytes, os.POSIX_FADV_WILLNEED)
+
+
 def _fresh_memory(size_bytes: int) -> memoryview:
     """Writable memory for a whole file, in huge pages where Linux allows it.
 
@@ -165,22 +269,30 @@ def _fresh_memory(size_bytes: int) -> memoryview:
     return memoryview(region)
 
 
-def hash_stream(stream: _Readable) -> WrittenFile:
-    """Size and BLAKE3 of everything left in ``stream`` (for checking without keeping it)."""
+def hash_stream(stream: _Readable, *, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> WrittenFile:
+    """Size, BLAKE3 and chunk digests of everything left in ``stream`` (for checking without
+    keeping it)."""
     buffer = bytearray(READ_CHUNK_BYTES)
     view = memoryview(buffer)
     hasher = new_hasher()
+    chunks = _ChunkHasher(chunk_bytes)
     size_bytes = 0
     while count := stream.readinto(view):
         hasher.update(view[:count])
+        chunks.update(view[:count])
         size_bytes += count
-    return WrittenFile(size_bytes=size_bytes, blake3=hasher.hexdigest())
+    return WrittenFile(
+        size_bytes=size_bytes,
+        blake3=hasher.hexdigest(),
+        chunks=chunks.finish(),
+        chunk_bytes=chunk_bytes,
+    )
 
 
-def _compare(name: str, actual: str, expected: str | None) -> None:
+def _compare(name: str, actual: str, expected: str | None, *, where: str = "") -> None:
     if expected is not None and not hmac.compare_digest(actual, expected):
         raise CheckpointUntrusted(
-            f"{name}: digest mismatch (blake3 of the bytes read {actual[:16]}..., "
+            f"{name}: digest mismatch ({where}blake3 of the bytes read {actual[:16]}..., "
             f"manifest says {expected[:16]}...)",
             file=name,
         )

@@ -66,7 +66,7 @@ from elastic.checkpoint.errors import (
     is_temporary,
     summary,
 )
-from elastic.checkpoint.integrity import WrittenFile
+from elastic.checkpoint.integrity import DIGEST_CHUNK_BYTES, WrittenFile
 from elastic.checkpoint.manifest import Manifest
 from elastic.checkpoint.retention import plan_retention
 from elastic.checkpoint.staging import ReusingStager
@@ -272,12 +272,17 @@ class CheckpointManager:
                     f"{self._storage.join(rel, name)}: {stored.get(name, 'no')} bytes stored, "
                     f"{record.size_bytes} written"
                 )
+        chunk_sizes = {record.chunk_bytes for record in written.values()}
+        if len(chunk_sizes) != 1:
+            raise CheckpointCorrupt(f"{self._storage.join(rel)}: files chunked {chunk_sizes}")
         manifest = Manifest(
             step=step,
             world_size=self._group.world_size,
             time_unix=self._clock(),
             files={name: record.size_bytes for name, record in written.items()},
             blake3={name: record.blake3 for name, record in written.items()},
+            chunk_bytes=chunk_sizes.pop(),
+            chunks={name: list(record.chunks) for name, record in written.items()},
             meta=meta,
         )
         manifest = self._signed(manifest)
@@ -330,8 +335,10 @@ class CheckpointManager:
         return problems
 
     def _digest_matches(self, manifest: Manifest, name: str) -> bool:
-        stored = self._storage.digest(f"{self._rel(manifest.step)}/{name}")
-        return hmac.compare_digest(stored.blake3, manifest.blake3[name])
+        chunk_bytes = manifest.chunk_bytes or DIGEST_CHUNK_BYTES
+        stored = self._storage.digest(f"{self._rel(manifest.step)}/{name}", chunk_bytes=chunk_bytes)
+        chunks_match = not manifest.has_chunks or list(stored.chunks) == manifest.chunks[name]
+        return hmac.compare_digest(stored.blake3, manifest.blake3[name]) and chunks_match
 
     def load(
         self,
@@ -447,7 +454,13 @@ class CheckpointManager:
                 "files are checked by size only",
             )
         rel = self._rel(manifest.step)
-        reader = self._storage.reader(rel, files=manifest.files, blake3=manifest.blake3)
+        reader = self._storage.reader(
+            rel,
+            files=manifest.files,
+            blake3=manifest.blake3,
+            chunks=manifest.chunks,
+            chunk_bytes=manifest.chunk_bytes,
+        )
         try:
             with _single_process_quiet():
                 dcp.load(

@@ -9,7 +9,10 @@ only ever parsed as JSON.
 
 Format versions: 1 lists sizes only (read, never written); 2 adds ``blake3`` (one digest per
 listed file) and ``signature``, the HMAC-SHA256 of :meth:`Manifest.payload` (the canonical JSON
-of every other field) when the writer had a signing key (``None`` otherwise).
+of every other field) when the writer had a signing key (``None`` otherwise); 3 (written) adds
+``chunk_bytes`` and ``chunks``, the BLAKE3 of each ``chunk_bytes`` chunk of every listed file,
+so a load checks and uses a file a chunk at a time (``streamed.py``). Versions 1 and 2 are still
+read; builds before format 3 refuse a format-3 manifest as unreadable.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from elastic.checkpoint.signing import sign, signature_problem
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "Manifest"]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+MAX_CHUNK_BYTES = 1 << 30
 _REQUIRED = ("step", "world_size", "time_unix", "files")
 _HEX = frozenset("0123456789abcdef")
 
@@ -48,6 +52,11 @@ class Manifest:
     signature: str | None = None
     """HMAC-SHA256 (hex) of :meth:`payload` under the writer's signing key; ``None``: unsigned."""
     format_version: int = FORMAT_VERSION
+    chunk_bytes: int = 0
+    """Bytes per digest chunk (format 3; 0 in formats 1 and 2)."""
+    chunks: dict[str, list[str]] = field(default_factory=dict)
+    """Relative path -> BLAKE3 (hex) of each ``chunk_bytes`` chunk of the file, in order, for
+    exactly the ``files`` (format 3)."""
 
     def __post_init__(self) -> None:
         _require(_is_int(self.step) and self.step >= 0, "step", self.step, "an integer >= 0")
@@ -90,6 +99,36 @@ class Manifest:
         )
         for name, digest in self.blake3.items():
             _require(_is_hex(digest, 64), f"blake3[{name}]", digest, "64 hex digits")
+        self._check_chunks()
+
+    def _check_chunks(self) -> None:
+        chunked = self.format_version >= 3
+        lowest = 1 if chunked and self.files else 0
+        _require(
+            _is_int(self.chunk_bytes)
+            and lowest <= self.chunk_bytes <= (MAX_CHUNK_BYTES if chunked else 0),
+            "chunk_bytes",
+            self.chunk_bytes,
+            f"in 1..{MAX_CHUNK_BYTES} (format 3 listing files), 0 before",
+        )
+        _require(isinstance(self.chunks, dict), "chunks", self.chunks, "a mapping")
+        listed = set(self.files) if chunked else set()
+        _require(
+            set(self.chunks) == listed,
+            "chunks",
+            sorted(set(self.chunks) ^ listed),
+            "one list per listed file (format 3), none before",
+        )
+        for name, digests in self.chunks.items():
+            count = -(-self.files[name] // self.chunk_bytes)
+            _require(
+                isinstance(digests, list)
+                and len(digests) == count
+                and all(_is_hex(d, 64) for d in digests),
+                f"chunks[{name}]",
+                digests if not isinstance(digests, list) else f"{len(digests)} entries",
+                f"{count} digests of 64 hex digits ({self.files[name]} bytes)",
+            )
 
     @property
     def size_bytes(self) -> int:
@@ -98,6 +137,10 @@ class Manifest:
     @property
     def has_digests(self) -> bool:
         return self.format_version >= 2
+
+    @property
+    def has_chunks(self) -> bool:
+        return self.format_version >= 3
 
     def with_known_good(self) -> Manifest:
         """The same checkpoint flagged known-good; unsigned (the caller signs it again)."""

@@ -23,7 +23,7 @@ DCP's reader and writer for a checkpoint directory (``dcp_io.py``) come from
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ from fsspec.core import url_to_fs
 
 from elastic.checkpoint.dcp_io import WRITE_THREADS, CheckpointReader, CheckpointWriter, relative_to
 from elastic.checkpoint.errors import CheckpointNotFound, storage_error
-from elastic.checkpoint.integrity import WrittenFile, hash_stream
+from elastic.checkpoint.integrity import DIGEST_CHUNK_BYTES, WrittenFile, hash_stream
 from elastic.checkpoint.priority import BackgroundPriority
 from elastic.files import replace_file
 
@@ -127,13 +127,14 @@ class Storage:
             except FileNotFoundError:
                 return  # removed concurrently: the outcome asked for holds
 
-    def digest(self, rel: str) -> WrittenFile:
-        """Size and BLAKE3 of the stored file ``rel`` (read through, not kept in memory)."""
+    def digest(self, rel: str, *, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> WrittenFile:
+        """Size, BLAKE3 and ``chunk_bytes`` chunk digests of the stored file ``rel`` (read
+        through, not kept in memory)."""
         url = self.join(rel)
         with self._wrapped(f"read {url}"):
             try:
                 with self._fs.open(self._path(rel), "rb") as fh:
-                    return hash_stream(fh)
+                    return hash_stream(fh, chunk_bytes=chunk_bytes)
             except FileNotFoundError:
                 raise CheckpointNotFound(f"read {url}: not found") from None
 
@@ -155,14 +156,29 @@ class Storage:
             )
 
     def reader(
-        self, rel_dir: str, *, files: Mapping[str, int], blake3: Mapping[str, str]
+        self,
+        rel_dir: str,
+        *,
+        files: Mapping[str, int],
+        blake3: Mapping[str, str],
+        chunks: Mapping[str, Sequence[str]] | None = None,
+        chunk_bytes: int = 0,
     ) -> CheckpointReader:
         """A DCP storage reader for the checkpoint directory ``rel_dir`` that opens only
-        ``files`` (name -> size_bytes) and checks each against ``blake3`` (name -> hex; a
-        file without one, from a format-1 manifest, is checked by size only)."""
+        ``files`` (name -> size_bytes) and checks each against ``chunks`` (name -> BLAKE3 of
+        each ``chunk_bytes`` chunk, format 3: streamed, a chunk at a time) or ``blake3`` (name
+        -> hex, format 2: read whole first; a file with neither, from a format-1 manifest, is
+        checked by size only)."""
         url = self.join(rel_dir)
         with self._wrapped(f"open reader {url}"):
-            return CheckpointReader(url, files=files, blake3=blake3, **self._options)
+            return CheckpointReader(
+                url,
+                files=files,
+                blake3=blake3,
+                chunks=chunks or {},
+                chunk_bytes=chunk_bytes,
+                **self._options,
+            )
 
     def _path(self, rel: str) -> str:
         rel = _rel(rel)

@@ -290,8 +290,10 @@ def test_events_leave_the_callers_thread_at_once_and_reach_etcd_in_order(
     assert time.monotonic() - started < 1.0  # the relay never waits for etcd
     gate.set()
     wait_for(
-        lambda: [e["step"] for e in a.store.events() if e["event"] == "checkpoint_commit"]
-        == [0, 1, 2, 3, 4],
+        lambda: (
+            [e["step"] for e in a.store.events() if e["event"] == "checkpoint_commit"]
+            == [0, 1, 2, 3, 4]
+        ),
         timeout_seconds=WAIT_SECONDS,
         what="the five events, in order",
     )

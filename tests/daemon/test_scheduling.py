@@ -47,4 +47,3 @@ def test_daemon_threads_and_children_are_batch_and_workers_go_back_to_normal() -
         "worker": "normal",  # a worker trains under the normal policy
         "etcd_like": "batch",  # any other child (the embedded etcd) keeps it
     }
-

@@ -31,11 +31,15 @@ GLOBAL_BATCH = 6  # divisible by every world size the test uses (1, 2, 3)
 
 def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    # Odd sizes so dim-0 shards are uneven at world size 2 and 3.
+    # Odd sizes so dim-0 shards are uneven at world size 2 and 3; the 4001-wide layer's shards
+    # are large enough to be streamed into place (elastic/checkpoint/streamed.py), and at
+    # another world size each destination takes part of a saved shard.
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 10),
         torch.nn.ReLU(),
-        torch.nn.Linear(10, 7),
+        torch.nn.Linear(10, 4001),
+        torch.nn.ReLU(),
+        torch.nn.Linear(4001, 7),
         torch.nn.ReLU(),
         torch.nn.Linear(7, 3),
     )

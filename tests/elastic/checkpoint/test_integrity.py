@@ -7,6 +7,7 @@ it); each test also unpickles its payload at the end to prove the payload would 
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any
 
 import blake3
 import pytest
+import torch
 
-from elastic.checkpoint import CheckpointCorrupt, CheckpointManager, Storage
+from elastic.checkpoint import CheckpointCorrupt, CheckpointManager, Storage, dcp_io, integrity
 from elastic.checkpoint.manifest import Manifest
 from tests.elastic.checkpoint.conftest import Backend, assert_states_equal, blank_like, toy_state
 
@@ -79,9 +81,14 @@ def test_manifest_lists_the_sha256_of_every_file_as_stored(backend: Backend) -> 
     manager.save(5, toy_state(5), meta={})
     (manifest,) = manager.list()
     storage = backend.storage()
-    assert manifest.format_version == 2 and set(manifest.blake3) == set(manifest.files)
+    assert manifest.format_version == 3 and set(manifest.blake3) == set(manifest.files)
+    assert set(manifest.chunks) == set(manifest.files) and manifest.chunk_bytes > 0
     for name, digest in manifest.blake3.items():
-        assert blake3.blake3(storage.read_bytes(f"run/step-5/{name}")).hexdigest() == digest
+        data = storage.read_bytes(f"run/step-5/{name}")
+        assert blake3.blake3(data).hexdigest() == digest
+        step = manifest.chunk_bytes
+        chunks = [blake3.blake3(data[i : i + step]).hexdigest() for i in range(0, len(data), step)]
+        assert manifest.chunks[name] == chunks
     assert manifest.signature is None  # no key configured
     assert manager.verify(manifest, contents=True) == []
 
@@ -138,7 +145,7 @@ def test_a_format_1_manifest_loads_by_size_with_a_warning_line(
     storage = local.storage()
     for step in (1, 2):
         data = _manifest_json(storage, step)
-        del data["blake3"], data["signature"]
+        del data["blake3"], data["signature"], data["chunks"], data["chunk_bytes"]
         _write_manifest(storage, step, {**data, "format_version": 1})
     # Same size, garbage bytes: without digests only DCP itself notices (in a read thread).
     size = storage.sizes("run/step-2")["__0_0.distcp"]
@@ -308,6 +315,177 @@ def test_manifest_round_trip_keeps_the_signature_valid(tmp_path: Path) -> None:
         time_unix=0.1 + 0.2,  # a float whose repr must survive the JSON round trip
         files={".metadata": 3},
         blake3={".metadata": "f" * 64},
+        chunk_bytes=1024,
+        chunks={".metadata": ["e" * 64]},
         meta={"unicode": "\u00e9\u4e2d", "nested": [1, 2.5, None, {"b": True}]},
     ).signed(key)
     assert Manifest.from_json(manifest.to_json()).signature_problem(key) is None
+
+
+# ------------------------------------------------------------------ streamed, chunk by chunk
+CHUNK_BYTES = 64 * 1024
+
+
+def _big_state(seed: int) -> dict[str, Any]:
+    """Tensors of several kinds, most larger than a (test-sized) chunk, and small ones."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "w": torch.randn(256, 384, generator=gen),
+            "wt": torch.randn(384, 256, generator=gen).t(),  # saved non-contiguous
+            "h": torch.randn(200, 300, generator=gen).to(torch.bfloat16),
+            "ids": torch.randint(0, 1 << 40, (20_000,), generator=gen),
+            "mask": torch.rand(70_000, generator=gen) > 0.5,
+            "b": torch.randn(3, generator=gen),
+        },
+        "step": torch.tensor(seed),
+    }
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Chunks of CHUNK_BYTES; the names of the files a load reads whole (not streamed)."""
+    monkeypatch.setattr(integrity, "DIGEST_CHUNK_BYTES", CHUNK_BYTES)
+    whole: list[str] = []
+    real = dcp_io.read_verified
+
+    def recording(stream: Any, *, name: str, **kwargs: Any) -> memoryview:
+        whole.append(name)
+        return real(stream, name=name, **kwargs)
+
+    monkeypatch.setattr(dcp_io, "read_verified", recording)
+    return whole
+
+
+def test_a_load_streams_each_shard_a_checked_chunk_at_a_time_into_place(
+    backend: Backend, small_chunks: list[str]
+) -> None:
+    manager = backend.manager()
+    manager.save(1, _big_state(1), meta={})
+    (manifest,) = manager.list()
+    shards = [n for n in manifest.files if n.endswith(".distcp")]
+    assert manifest.chunk_bytes == CHUNK_BYTES
+    assert all(len(manifest.chunks[n]) > 3 for n in shards), manifest.chunks
+
+    got = blank_like(_big_state(0))
+    assert manager.load(got).step == 1  # type: ignore[union-attr]
+
+    assert_states_equal(got, _big_state(1))
+    assert small_chunks == [".metadata"]  # every shard streamed, none held whole
+
+
+def test_a_flipped_byte_in_a_later_chunk_falls_back_naming_the_file_and_the_chunk(
+    backend: Backend, log_lines: Any, small_chunks: list[str]
+) -> None:
+    manager = backend.manager()
+    manager.save(1, _big_state(1), meta={})
+    manager.save(2, _big_state(2), meta={})
+    storage = backend.storage()
+    shard = max((n for n in storage.sizes("run/step-2") if n.endswith(".distcp")), key=len)
+    data = bytearray(storage.read_bytes(f"run/step-2/{shard}"))
+    at = len(data) - 10  # the last chunk: earlier chunks were already copied into the state
+    data[at] ^= 0x10
+    storage.write_bytes(f"run/step-2/{shard}", bytes(data))
+    log_lines()
+
+    got = blank_like(_big_state(0))
+    assert manager.load(got).step == 1  # type: ignore[union-attr]
+
+    assert_states_equal(got, _big_state(1))  # the fallback filled every tensor again
+    (line,) = _fallbacks(log_lines)
+    assert line["step"] == 2 and line["file"] == shard
+    chunk_start = at // CHUNK_BYTES * CHUNK_BYTES
+    assert line["problem"].startswith(f"{shard}: digest mismatch (chunk at byte {chunk_start}:")
+
+
+def test_a_format_2_manifest_still_loads_each_file_whole_and_checked(
+    local: Backend, small_chunks: list[str], log_lines: Any
+) -> None:
+    manager = local.manager()
+    manager.save(1, _big_state(1), meta={})
+    storage = local.storage()
+    data = _manifest_json(storage, 1)
+    del data["chunks"], data["chunk_bytes"]
+    _write_manifest(storage, 1, {**data, "format_version": 2})
+
+    got = blank_like(_big_state(0))
+    assert manager.load(got).step == 1  # type: ignore[union-attr]
+
+    assert_states_equal(got, _big_state(1))
+    assert sorted(small_chunks) == sorted(data["files"])  # .metadata and every shard whole
+    assert not _fallbacks(log_lines)
+
+
+def test_a_signed_manifest_with_a_changed_chunk_digest_is_refused(
+    local: Backend, log_lines: Any, tmp_path: Path, small_chunks: list[str]
+) -> None:
+    manager = local.manager(signing_key_file=_key_file(tmp_path))
+    manager.save(1, _big_state(1), meta={})
+    manager.save(2, _big_state(2), meta={})
+    storage = local.storage()
+    data = _manifest_json(storage, 2)
+    data["chunks"]["__0_0.distcp"][1] = "0" * 64
+    _write_manifest(storage, 2, data)
+    log_lines()
+
+    got = blank_like(_big_state(0))
+    assert manager.load(got).step == 1  # type: ignore[union-attr]
+
+    (line,) = _fallbacks(log_lines)
+    assert line["step"] == 2 and line["problem"] == BAD_SIGNATURE
+
+
+def _chunk_digests(data: bytes, step: int) -> list[str]:
+    return [blake3.blake3(data[i : i + step]).hexdigest() for i in range(0, len(data), step)]
+
+
+def test_verified_chunks_yields_each_chunk_once_checked_and_the_writer_lists_the_same() -> None:
+    data = bytes(range(256)) * 41  # 10,496 bytes: 10 chunks of 1,024 and one of 256
+    written = integrity.DigestingFile(io.BytesIO())
+    for at in range(0, len(data), 999):  # written in pieces that straddle the chunks
+        written.write(data[at : at + 999])
+    record = written.record()
+    assert record.chunk_bytes == integrity.DIGEST_CHUNK_BYTES  # the default, 16 MiB
+    hashed = integrity.hash_stream(io.BytesIO(data), chunk_bytes=1024)
+    assert list(hashed.chunks) == _chunk_digests(data, 1024)
+
+    got = [
+        (offset, bytes(chunk))
+        for offset, chunk in integrity.verified_chunks(
+            io.BytesIO(data),
+            name="f",
+            size_bytes=len(data),
+            chunk_bytes=1024,
+            digests=_chunk_digests(data, 1024),
+        )
+    ]
+    assert [o for o, _ in got] == list(range(0, len(data), 1024))
+    assert b"".join(c for _, c in got) == data
+
+
+LISTED = b"y" * 2048 + b"x" * 952  # a file of 3,000 bytes as the manifest lists it
+
+
+@pytest.mark.parametrize(
+    ("stored", "digests", "problem"),
+    [
+        (LISTED[:-1] + b"z", None, r"f: digest mismatch \(chunk at byte 2048: "),
+        (LISTED[:2500], None, "f: 2500 bytes, manifest says 3000"),
+        (LISTED + b"!", None, "f: longer than the 3000 bytes listed"),
+        (LISTED, ["0" * 64] * 2, "f: 2 chunk digests listed for 3000 bytes"),
+    ],
+    ids=["changed-last-chunk", "short", "long", "wrong-count"],
+)
+def test_verified_chunks_refuses_a_changed_short_or_long_file_naming_it(
+    stored: bytes, digests: list[str] | None, problem: str
+) -> None:
+    chunks = integrity.verified_chunks(
+        io.BytesIO(stored),
+        name="f",
+        size_bytes=3000,
+        chunk_bytes=1024,
+        digests=digests or _chunk_digests(LISTED, 1024),
+    )
+    with pytest.raises(integrity.CheckpointUntrusted, match=problem) as caught:
+        list(chunks)
+    assert caught.value.file == "f"

@@ -17,6 +17,11 @@ def _manifest(**overrides: object) -> Manifest:
         "time_unix": 1700000000.5,
         "files": {".metadata": 120, "__0_0.distcp": 4096},
         "blake3": {".metadata": "a" * 64, "__0_0.distcp": "0123456789" * 6 + "abcd"},
+        "chunk_bytes": 1024,
+        "chunks": {
+            ".metadata": ["b" * 64],
+            "__0_0.distcp": ["c" * 64, "d" * 64, "e" * 64, "f" * 64],
+        },
         "meta": {"data": {"position": 12800}, "fingerprint": "abc"},
     }
     fields.update(overrides)
@@ -27,12 +32,12 @@ def test_round_trip_preserves_every_field() -> None:
     manifest = _manifest(known_good=True).signed(KEY)
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert Manifest.from_json(manifest.to_json().encode()) == manifest
-    assert manifest.format_version == 2 and manifest.signature is not None
+    assert manifest.format_version == 3 and manifest.signature is not None
 
 
 def test_a_format_1_manifest_without_digests_still_parses() -> None:
     data = json.loads(_manifest().to_json())
-    for key in ("blake3", "signature"):
+    for key in ("blake3", "signature", "chunks", "chunk_bytes"):
         del data[key]
     data["format_version"] = 1
     manifest = Manifest.from_json(json.dumps(data))
@@ -51,6 +56,46 @@ def test_format_2_needs_one_hex_digest_per_file(blake3: dict[str, str]) -> None:
         Manifest.from_json(json.dumps(data))
 
 
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"chunks": {".metadata": ["b" * 64]}}, "chunks"),
+        ({"chunks": {".metadata": ["b" * 64], "__0_0.distcp": ["c" * 64] * 3}}, "chunks"),
+        ({"chunks": {".metadata": ["b" * 64], "__0_0.distcp": ["C" * 64] * 4}}, "chunks"),
+        ({"chunks": {".metadata": "b" * 64, "__0_0.distcp": ["c" * 64] * 4}}, "chunks"),
+        ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"chunk_bytes": 2048}, "chunks"),  # 4096 bytes are 2 chunks of 2048, not 4
+        ({"chunk_bytes": 2**31}, "chunk_bytes"),
+        ({"format_version": 2}, "chunk"),  # chunks are format 3
+    ],
+    ids=[
+        "a-file-without-chunks",
+        "too-few",
+        "not-lower-hex",
+        "not-a-list",
+        "no-chunk-size",
+        "count-does-not-fit-size",
+        "chunk-too-big",
+        "in-format-2",
+    ],
+)
+def test_format_3_needs_the_chunk_digests_that_fit_each_file(
+    change: dict[str, object], key: str
+) -> None:
+    data = json.loads(_manifest().to_json())
+    data.update(change)
+    with pytest.raises(CheckpointCorrupt, match=key):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_a_format_2_manifest_without_chunks_still_parses() -> None:
+    data = json.loads(_manifest().to_json())
+    del data["chunks"], data["chunk_bytes"]
+    data["format_version"] = 2
+    manifest = Manifest.from_json(json.dumps(data))
+    assert manifest.has_digests and not manifest.has_chunks
+
+
 def test_signature_holds_under_its_key_only_and_covers_every_field() -> None:
     signed = _manifest().signed(KEY)
     assert signed.signature_problem(KEY) is None
@@ -60,7 +105,8 @@ def test_signature_holds_under_its_key_only_and_covers_every_field() -> None:
         {"step": 101},
         {"known_good": True},
         {"meta": {}},
-        {"files": {}, "blake3": {}},
+        {"files": {}, "blake3": {}, "chunks": {}},
+        {"chunks": {".metadata": ["0" * 64], "__0_0.distcp": ["c" * 64] * 4}},
     ]
     for change in changes:
         changed = replace(signed, **change)  # type: ignore[arg-type]
@@ -111,7 +157,7 @@ def test_missing_required_key_is_corrupt_and_named() -> None:
         ("files", {"x": -5}),
         ("files", ["x"]),
         ("known_good", "yes"),
-        ("format_version", 3),
+        ("format_version", 4),
         ("signature", "not hex"),
         ("time_unix", None),
     ],
