@@ -34,6 +34,8 @@ import hmac
 import io
 import mmap
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -205,52 +207,99 @@ def verified_chunks(
     """``stream`` (the file ``name``) chunk by chunk, each checked before it is yielded.
 
     Yields ``(offset, chunk)`` for each ``chunk_bytes`` chunk (the last one shorter) once its
-    BLAKE3 matched ``digests``; every chunk is read into the same buffer, so a chunk must be
-    used before the next one is asked for. Raises :class:`CheckpointUntrusted` naming the file
-    when a chunk does not match, or the file is shorter or longer than ``size_bytes``.
+    BLAKE3 matched ``digests``; a chunk's memory is reused once the caller asks for the next
+    one. A thread reads the next chunk while the caller hashes and uses this one (reading
+    and then hashing in turn left the disk idle a third of the time). Raises
+    :class:`CheckpointUntrusted` naming the file when a chunk does not match, or the file is
+    shorter or longer than ``size_bytes``.
     """
     expected = -(-size_bytes // chunk_bytes) if chunk_bytes > 0 else -1
     if len(digests) != expected:
         raise CheckpointUntrusted(
             f"{name}: {len(digests)} chunk digests listed for {size_bytes} bytes", file=name
         )
-    buffer = memoryview(bytearray(min(size_bytes, chunk_bytes)))
-    ahead = _ReadAhead(stream, chunk_bytes)
-    for index, digest in enumerate(digests):
-        offset = index * chunk_bytes
-        ahead.ask(offset + chunk_bytes)  # the disk reads the next chunk while this one is used
-        chunk = buffer[: min(chunk_bytes, size_bytes - offset)]
+    with _ChunkReader(stream, name=name, size_bytes=size_bytes, chunk_bytes=chunk_bytes) as chunks:
+        for digest in digests:
+            offset, chunk = chunks.next()
+            hasher = new_hasher()  # one thread: the threads reading other files use the others
+            hasher.update(chunk)
+            _compare(name, hasher.hexdigest(), digest, where=f"chunk at byte {offset}: ")
+            yield offset, chunk
+            chunks.release(chunk)
+        chunks.end()
+
+
+class _ChunkReader:
+    """Reads a file's chunks in a thread, two buffers ahead of the caller at most."""
+
+    _BUFFERS = 2
+
+    def __init__(self, stream: _Readable, *, name: str, size_bytes: int, chunk_bytes: int) -> None:
+        self._stream = stream
+        self._name = name
+        self._size_bytes = size_bytes
+        self._chunk_bytes = chunk_bytes
+        self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[int, memoryview] | bool | BaseException] = (
+            queue.SimpleQueue()
+        )
+        for _ in range(self._BUFFERS if size_bytes else 0):
+            self._free.put(memoryview(bytearray(min(size_bytes, chunk_bytes))))
+        self._thread = threading.Thread(
+            target=self._read_all, name="checkpoint-chunks", daemon=True
+        )
+
+    def __enter__(self) -> _ChunkReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._free.put(None)  # stops a reader still going (the caller gave up early)
+        self._thread.join()
+
+    def next(self) -> tuple[int, memoryview]:
+        item = self._full.get()
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, tuple), item
+        return item
+
+    def release(self, chunk: memoryview) -> None:
+        self._free.put(memoryview(chunk.obj))  # the whole buffer the chunk was cut from
+
+    def end(self) -> None:
+        """Raise unless the file ended where the manifest says."""
+        item = self._full.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is True:
+            raise CheckpointUntrusted(
+                f"{self._name}: longer than the {self._size_bytes} bytes listed", file=self._name
+            )
+
+    def _read_all(self) -> None:
+        try:
+            for offset in range(0, self._size_bytes, self._chunk_bytes):
+                buffer = self._free.get()
+                if buffer is None:
+                    return
+                chunk = buffer[: min(self._chunk_bytes, self._size_bytes - offset)]
+                self._fill(chunk, offset)
+                self._full.put((offset, chunk))
+            self._full.put(bool(self._stream.read(1)))
+        except BaseException as exc:  # handed to the caller, who raises it
+            self._full.put(exc)
+
+    def _fill(self, chunk: memoryview, offset: int) -> None:
         done = 0
         while done < chunk.nbytes:
-            count = stream.readinto(chunk[done:])
+            count = self._stream.readinto(chunk[done:])
             if not count:
                 raise CheckpointUntrusted(
-                    f"{name}: {offset + done} bytes, manifest says {size_bytes}", file=name
+                    f"{self._name}: {offset + done} bytes, manifest says {self._size_bytes}",
+                    file=self._name,
                 )
             done += count
-        hasher = new_hasher()  # one thread: the threads reading other files use the other cores
-        hasher.update(chunk)
-        _compare(name, hasher.hexdigest(), digest, where=f"chunk at byte {offset}: ")
-        yield offset, chunk
-    if stream.read(1):
-        raise CheckpointUntrusted(f"{name}: longer than the {size_bytes} bytes listed", file=name)
-
-
-class _ReadAhead:
-    """Asks the kernel to start reading a local file's next chunk (``POSIX_FADV_WILLNEED``), so
-    that the disk works while the current chunk is hashed and copied; a no-op for streams
-    without a file descriptor (object stores read ahead in their own client)."""
-
-    def __init__(self, stream: Any, chunk_bytes: int) -> None:
-        self._chunk_bytes = chunk_bytes
-        self._fd: int | None = None
-        with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            self._fd = int(stream.fileno())
-
-    def ask(self, offset: int) -> None:
-        if self._fd is not None and hasattr(os, "posix_fadvise"):
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, offset, self._chunk_bytes, os.POSIX_FADV_WILLNEED)
 
 
 def _fresh_memory(size_bytes: int) -> memoryview:
