@@ -230,9 +230,10 @@ def verified_chunks(
 
 
 class _ChunkReader:
-    """Reads a file's chunks in a thread, two buffers ahead of the caller at most."""
+    """Reads a file's chunks in a thread, up to two chunks ahead of the one in use (one
+    ahead left the reader waiting whenever a chunk took longer to use than to read)."""
 
-    _BUFFERS = 2
+    _BUFFERS = 3
 
     def __init__(self, stream: _Readable, *, name: str, size_bytes: int, chunk_bytes: int) -> None:
         self._stream = stream
