@@ -111,6 +111,7 @@ class CheckpointManager:
         self._meta_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._pending_step: int | None = None
         # Created on the first async save; holds the staged CPU copy between saves.
         self._stager: ReusingStager | None = None
 
@@ -160,6 +161,7 @@ class CheckpointManager:
         self._pending = self._commit_pool().submit(
             ctx.run, self._finish_async, upload, writer, step, meta, started, side
         )
+        self._pending_step = step
 
     def wait_staged(self) -> None:
         """Return once the last async save's CPU copy is made: the state may change again.
@@ -174,7 +176,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Complete a pending async save (manifest included); re-raise its error, if any."""
-        pending, self._pending = self._pending, None
+        pending, self._pending, self._pending_step = self._pending, None, None
         if pending is not None:
             pending.result()
 
@@ -482,9 +484,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ rank-0 metadata
     def mark_known_good(self, step: int) -> None:
-        """Rank 0: flag the committed checkpoint of ``step`` as a rewind target."""
+        """Rank 0: flag the committed checkpoint of ``step`` as a rewind target.
+
+        Waits for a pending async save only when it is of ``step`` or earlier (its manifest
+        is not written yet): promoting an older checkpoint while the newest one is still
+        being written must not hold training until the write ends.
+        """
         if not self._group.is_leader:
             return
+        if self._pending_step is not None and self._pending_step <= step:
+            self.wait()
         with self._meta_lock:
             manifest = self._read_manifest(step)
             if manifest is None:

@@ -424,8 +424,7 @@ class Run:
     def _promote(self) -> None:
         for step in self.recovery.promotions(self.step):
             if self.info.is_main:
-                self.ckpt.wait()
-                self.ckpt.mark_known_good(step)
+                self.ckpt.mark_known_good(step)  # waits only for a save of this step
 
     def _paused(self) -> bool:
         """Hold at this step boundary until any rank sees resume (False) or drain (True)."""

@@ -431,3 +431,34 @@ def test_saves_skip_torch_save_crc32_only_while_writing(local: Backend) -> None:
     got = blank_like(toy_state(0))
     manager.load(got, step=1)
     assert_states_equal(got, toy_state(1))
+
+
+def test_promoting_an_older_checkpoint_does_not_wait_for_the_save_in_flight(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = local.manager(async_save=True, keep_last=3)
+    manager.save(1, toy_state(1), meta={})
+    manager.wait()
+    release = threading.Event()
+    finish = manager._finish_async
+
+    def held(*args: Any, **kwargs: Any) -> None:  # the write of step 2 takes until released
+        assert release.wait(60)
+        finish(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "_finish_async", held)
+    manager.save(2, toy_state(2), meta={})
+
+    older = threading.Thread(target=manager.mark_known_good, args=(1,))
+    older.start()
+    older.join(30)
+    assert not older.is_alive() and not release.is_set()  # done while step 2 is in flight
+    newest = threading.Thread(target=manager.mark_known_good, args=(2,))
+    newest.start()
+    newest.join(0.5)
+    assert newest.is_alive()  # step 2's manifest is not written yet: it waits for the save
+    release.set()
+    newest.join(30)
+    assert not newest.is_alive()
+    assert {m.step: m.known_good for m in manager.list()} == {1: True, 2: True}
+    manager.close()
