@@ -114,7 +114,12 @@ class Trainer:
         if train.log_sample_ids and info.is_main:
             extra["sample_ids"] = self.plan.global_sample_ids(step)
         verdict = self.run.report(
-            loss=ce_sum / local_tokens, grad_norm=grad_norm, tokens=local_tokens, lr=lr, **extra
+            loss=ce_sum / local_tokens,
+            grad_norm=grad_norm,
+            tokens=local_tokens,
+            lr=lr,
+            flops_per_token=self.model.flops_per_token(self.plan.sampler.seq_len_at(step)),
+            **extra,
         )
         if verdict.apply:
             for group in self.optimizer.param_groups:
