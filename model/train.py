@@ -68,6 +68,8 @@ class Trainer:
             betas=(train.beta1, train.beta2),
         )
         run.track(model=self.model, optim=self.optimizer)
+        if train.peak_flops_per_device:
+            run.peak_flops_per_device = train.peak_flops_per_device
         run.audit_data(mixture_description(job, self.plan))
         run.startup["build_seconds"] = round(time.monotonic() - built, 3)
 
