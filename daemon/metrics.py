@@ -13,9 +13,11 @@ one list that ``ops`` checks its alert rules and dashboard against. Every series
 
 from __future__ import annotations
 
+import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,23 @@ def catalog() -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     return tuple(data["common_labels"]), {m["name"]: m for m in data["metrics"]}
 
 
+def build_labels() -> dict[str, str]:
+    """``elasticd_build_info``'s labels: the installed distributions' versions (torch's from
+    its metadata: the daemon does not import torch), ``unknown`` when one is not installed."""
+    return {
+        "version": _distribution_version("elasticd"),
+        "python": platform.python_version(),
+        "torch": _distribution_version("torch"),
+    }
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _label_values(name: str, label: str) -> tuple[str, ...]:
     return tuple(catalog()[1][name].get("labels", {}).get(label) or ())
 
@@ -49,6 +68,7 @@ class NodeMetrics:
         node: str,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        build: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self._clock = clock
@@ -60,6 +80,7 @@ class NodeMetrics:
         self._run_scoped = frozenset(n for n, spec in specs.items() if spec.get("scope") == "run")
         self.hosts_rank0 = False  # run-scoped series exist only while this is True
         self._init_series()
+        self.series("elasticd_build_info", **(build or build_labels())).set(1)
 
     def _build(self, spec: dict[str, Any], common: tuple[str, ...]) -> Any:
         labels = [*common, *spec.get("labels", {})]
@@ -176,6 +197,13 @@ class NodeMetrics:
         self.series("elasticd_node_tokens_per_second").set(tokens_per_second)
         self.series("elasticd_worker_heartbeat_age_seconds").set(heartbeat_age_seconds)
 
+    def set_worker_memory(self, peak_memory_bytes: Iterable[int | None]) -> None:
+        """The largest of this node's workers' peak memory (heartbeats); unknown ones skipped,
+        and the gauge keeps its last value while none is known (between rounds)."""
+        known = [m for m in peak_memory_bytes if m is not None]
+        if known:
+            self.series("elasticd_worker_peak_memory_bytes").set(max(known))
+
     def set_progress(self, step: int) -> None:
         """Step progress from this node's heartbeats (every node, not only rank 0's)."""
         if step > self._progress_step:
@@ -202,6 +230,8 @@ class NodeMetrics:
                 self.series(name).set(r[key])
         if _is_number(r.get("step_seconds")):
             self.series("elasticd_train_step_duration_seconds").observe(r["step_seconds"])
+        if _is_number(r.get("tokens")) and r["tokens"] > 0:
+            self.series("elasticd_train_tokens_total").inc(r["tokens"])
         if r.get("skipped"):
             self.series("elasticd_guard_skipped_steps_total").inc()
 
@@ -244,6 +274,8 @@ _STEP_GAUGES = (
     ("elasticd_train_grad_norm", "grad_norm"),
     ("elasticd_train_learning_rate", "lr"),
     ("elasticd_train_tokens_per_second", "tokens_per_s"),
+    ("elasticd_train_mfu_ratio", "mfu"),
+    ("elasticd_train_total_steps", "total_steps"),
 )
 
 

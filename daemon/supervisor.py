@@ -383,6 +383,7 @@ class Supervisor:
                 tokens_per_second=progress.tokens_per_second(assignment.nproc_per_node),
                 heartbeat_age_seconds=progress.oldest_beat_age(beats, now),
             )
+            self.metrics.set_worker_memory(b.peak_memory_bytes for b in beats.values())
             self.group.set_status(self.status())
             obs = Observation(
                 exit_codes=_exit_codes(workers, assignment.nproc_per_node),

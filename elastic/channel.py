@@ -70,6 +70,7 @@ class WorkerChannel:
         self._written: tuple[int, Phase, float] | None = None  # step, phase, monotonic time
         self._compute: list[float] = []  # step compute times not yet published
         self._step_tokens: float | None = None  # the group's tokens of the newest step
+        self._peak_memory_bytes: int | None = None  # this rank's, newest
         self._control_mtime_ns = -1
         self._last_seq = 0
 
@@ -85,12 +86,14 @@ class WorkerChannel:
         *,
         compute_seconds: float | None = None,
         step_tokens: float | None = None,
+        peak_memory_bytes: int | None = None,
     ) -> None:
         """Publish (step, phase): at once on a new phase or a step back, else rate-limited.
 
         ``compute_seconds`` (one step's compute time) is kept until the next written beat,
         which publishes the mean of the kept ones: a rate-limited beat loses no step's time.
-        ``step_tokens``: the group's tokens of the step (the newest one is published).
+        ``step_tokens``: the group's tokens of the step, ``peak_memory_bytes``: this rank's
+        peak memory (the newest of each is published).
         """
         if self._dir is None:
             return
@@ -98,6 +101,8 @@ class WorkerChannel:
             self._compute.append(compute_seconds)
         if step_tokens is not None:
             self._step_tokens = step_tokens
+        if peak_memory_bytes is not None:
+            self._peak_memory_bytes = peak_memory_bytes
         now = self._monotonic()
         if self._written is not None:
             last_step, last_phase, last_time = self._written
@@ -116,6 +121,7 @@ class WorkerChannel:
             os.getpid(),
             compute,
             self._step_tokens,
+            self._peak_memory_bytes,
         )
         payload = json.dumps(beat.to_json()).encode()
         replace_file(self._dir / heartbeat_file(self._local_rank), payload)

@@ -199,6 +199,10 @@ class Heartbeat:
     # Tokens of the whole group's last step (every rank's share together), when the loop
     # reports them: the daemon derives its node's share of the throughput. Optional too.
     step_tokens: float | None = None
+    # The rank's peak memory so far, in bytes: the CUDA caching allocator's high-water mark
+    # (``torch.cuda.max_memory_allocated``) on a GPU, the process's peak RSS otherwise.
+    # Optional on the wire (added after the first protocol version; old loops omit it).
+    peak_memory_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -211,12 +215,15 @@ class Heartbeat:
             payload["compute_seconds"] = self.compute_seconds
         if self.step_tokens is not None:
             payload["step_tokens"] = self.step_tokens
+        if self.peak_memory_bytes is not None:
+            payload["peak_memory_bytes"] = self.peak_memory_bytes
         return payload
 
     @classmethod
     def from_json(cls, local_rank: int, data: dict[str, Any]) -> Heartbeat:
         """Raises ValueError/KeyError/TypeError on a malformed beat."""
         compute, tokens = data.get("compute_seconds"), data.get("step_tokens")
+        memory = data.get("peak_memory_bytes")
         return cls(
             local_rank,
             int(data["step"]),
@@ -225,6 +232,7 @@ class Heartbeat:
             int(data["pid"]),
             None if compute is None else float(compute),
             None if tokens is None else float(tokens),
+            None if memory is None else int(memory),
         )
 
 

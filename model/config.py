@@ -51,6 +51,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block and the loss (GPT.compile_regions)
     log_sample_ids: bool = False  # add the global batch's sample ids to each step line
     threads: int = 0  # torch intra-op threads per worker (0 = leave torch's default)
+    # Dense peak FLOP/s of one device, for MFU; 0: from the worker API's table of known GPUs.
+    peak_flops_per_device: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len"):
@@ -67,6 +69,8 @@ class TrainConfig:
         threads_ok = 0 <= self.threads <= MAX_THREADS
         check(threads_ok, "threads", self.threads, f"must be in 0..{MAX_THREADS}")
         check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")
+        peak = self.peak_flops_per_device
+        check(peak >= 0, "peak_flops_per_device", peak, "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ class Trainer:
             betas=(train.beta1, train.beta2),
         )
         run.track(model=self.model, optim=self.optimizer)
+        if train.peak_flops_per_device:
+            run.peak_flops_per_device = train.peak_flops_per_device
         run.audit_data(mixture_description(job, self.plan))
         run.startup["build_seconds"] = round(time.monotonic() - built, 3)
 
@@ -114,7 +116,12 @@ class Trainer:
         if train.log_sample_ids and info.is_main:
             extra["sample_ids"] = self.plan.global_sample_ids(step)
         verdict = self.run.report(
-            loss=ce_sum / local_tokens, grad_norm=grad_norm, tokens=local_tokens, lr=lr, **extra
+            loss=ce_sum / local_tokens,
+            grad_norm=grad_norm,
+            tokens=local_tokens,
+            lr=lr,
+            flops_per_token=self.model.flops_per_token(self.plan.sampler.seq_len_at(step)),
+            **extra,
         )
         if verdict.apply:
             for group in self.optimizer.param_groups:

@@ -45,6 +45,7 @@ from elastic.worker.config import RunConfig
 from elastic.worker.control import ControlState
 from elastic.worker.dist import DistInfo, shutdown, sum_across_ranks
 from elastic.worker.drills import Drills
+from elastic.worker.hardware import peak_flops, peak_memory_bytes
 from elastic.worker.ledger import DataChain, sample_sums
 from elastic.worker.recovery import Recovery, RunFiles
 from elastic.worker.sampler import ElasticSampler
@@ -74,6 +75,7 @@ class _Outcome:
     lr: float | None
     lr_scale: float
     counted: bool  # the loop passed token counts (else tokens_per_s is unknown)
+    flops_per_token: float | None  # the loop's model FLOPs per token (else no MFU)
     fields: Mapping[str, Any]
 
 
@@ -113,6 +115,9 @@ class Run:
         self._step_started = 0.0  # perf_counter() when the current step's body began
         self._compute_seconds: float | None = None  # of the current step, up to its vote
         self.data_chain = DataChain()
+        # Dense peak FLOP/s of one device (None: unknown, no MFU); a loop may set its own.
+        self.peak_flops_per_device: float | None = peak_flops(info.device)
+        self._total_steps: int | None = None  # steps() argument, for the step line
         self._drawn: dict[int, Sequence[int]] = {}  # step -> this rank's sample ids of it
 
     # ----------------------------------------------------------------- set-up
@@ -194,6 +199,7 @@ class Run:
         """
         if not self._restored:
             self.restore()
+        self._total_steps = total
         self.drills.at_start(self.step)
         while self.step < total:
             step = self.step + 1
@@ -210,7 +216,10 @@ class Run:
             self.data_chain.advance(step, outcome.agreed.drawn)
             self._log_step(step, duration)
             self.channel.beat(
-                self.step, compute_seconds=self._compute_seconds, step_tokens=self._step_tokens()
+                self.step,
+                compute_seconds=self._compute_seconds,
+                step_tokens=self._step_tokens(),
+                peak_memory_bytes=peak_memory_bytes(self.info.device),
             )
             code = self._boundary(step)
             if code is not None:
@@ -228,11 +237,14 @@ class Run:
         grad_norm: Number | None = None,
         tokens: Number | None = None,
         lr: float | None = None,
+        flops_per_token: float | None = None,
         **fields: Any,
     ) -> StepVerdict:
         """COLLECTIVE, once per step before ``optimizer.step()``. ``loss`` is this rank's mean
         loss (weighted by ``tokens`` across ranks when given), ``grad_norm`` the global norm
-        (rank 0's value counts). ``lr`` and ``fields`` go into the step line."""
+        (rank 0's value counts). ``lr`` and ``fields`` go into the step line; with ``tokens``
+        the line has the group's tokens, and with ``flops_per_token`` too (the model's
+        training FLOPs per token, e.g. 6N + attention) the step's FLOPs and MFU."""
         step = self._current
         if step is None:
             raise RuntimeError("report() is called inside a step of run.steps()")
@@ -241,7 +253,13 @@ class Run:
         if self.drills.nan(step):
             loss = loss * float("nan")
         outcome = self._vote(
-            step, loss=loss, grad_norm=grad_norm, tokens=tokens, lr=lr, fields=fields
+            step,
+            loss=loss,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            lr=lr,
+            flops_per_token=flops_per_token,
+            fields=fields,
         )
         return StepVerdict(
             apply=outcome.verdict.action is Action.OK,
@@ -260,6 +278,7 @@ class Run:
         grad_norm: Number | None = None,
         tokens: Number | None = None,
         lr: float | None = None,
+        flops_per_token: float | None = None,
         fields: Mapping[str, Any] | None = None,
     ) -> _Outcome:
         """COLLECTIVE: the step vote, then the guard's verdict (``loss`` None: a step the loop
@@ -300,6 +319,7 @@ class Run:
             lr=None if lr is None else lr * lr_scale,
             lr_scale=lr_scale,
             counted=tokens is not None,
+            flops_per_token=flops_per_token,
             fields=dict(fields or {}),
         )
         return self._outcome
@@ -505,9 +525,28 @@ class Run:
             ),
             "step_seconds": round(duration_seconds, 5),
             "skipped": outcome.verdict.action is not Action.OK,
+            "total_steps": self._total_steps,
+            **self._work_fields(duration_seconds),
             **outcome.fields,
         }
         self.log.info(Event.STEP.value, **line)
+
+    def _work_fields(self, duration_seconds: float) -> dict[str, Any]:
+        """The step line's ``tokens`` (the group's), ``flops`` and ``mfu``, as far as known."""
+        outcome = self._outcome
+        if outcome is None or not outcome.counted:
+            return {}
+        tokens = outcome.agreed.tokens
+        fields: dict[str, Any] = {"tokens": tokens}
+        if outcome.flops_per_token is None:
+            return fields
+        flops = tokens * outcome.flops_per_token
+        fields["flops"] = flops
+        peak = self.peak_flops_per_device
+        if peak and duration_seconds > 0:
+            achieved = flops / duration_seconds
+            fields["mfu"] = round(achieved / (peak * self.info.world_size), 5)
+        return fields
 
 
 class _PhaseBeat:

@@ -141,3 +141,45 @@ def test_node_rate_series() -> None:
     assert value(metrics, "elasticd_node_step_seconds") == 0.5
     assert value(metrics, "elasticd_node_tokens_per_second") == 1536.0
     assert value(metrics, "elasticd_worker_heartbeat_age_seconds") == 0.2
+
+
+def test_build_info_is_one_series_at_1_naming_the_versions() -> None:
+    build = {"version": "9.9.9", "python": "3.11.7", "torch": "2.99.0"}
+    metrics = NodeMetrics(run_id="r", node="n", registry=CollectorRegistry(), build=build)
+    assert value(metrics, "elasticd_build_info", **build) == 1
+    samples = [s for m in metrics.registry.collect() for s in m.samples]
+    assert [s.labels for s in samples if s.name == "elasticd_build_info"] == [
+        {"run_id": "r", "node": "n", **build}
+    ]
+
+
+def test_build_labels_read_the_installed_versions() -> None:
+    import platform
+    from importlib import metadata
+
+    labels = metrics_module.build_labels()
+    assert labels["python"] == platform.python_version()
+    assert labels["torch"] == metadata.version("torch")
+    assert labels["version"] == metadata.version("elasticd")
+
+
+def test_step_lines_count_tokens_and_set_mfu_and_total_steps() -> None:
+    metrics = fresh()
+    assert value(metrics, "elasticd_train_tokens_total") == 0  # a counter exists from the start
+    assert value(metrics, "elasticd_train_mfu_ratio") is None  # gauges appear with a value
+    line = {**STEP_LINE, "tokens": 4096, "flops": 1e12, "mfu": 0.42, "total_steps": 1000}
+    metrics.on_worker_line(line)
+    metrics.on_worker_line({**line, "step": 8, "tokens": 2048, "mfu": 0.4})
+    metrics.on_worker_line({**STEP_LINE, "step": 9})  # a loop that does not count tokens
+    assert value(metrics, "elasticd_train_tokens_total") == 6144
+    assert value(metrics, "elasticd_train_mfu_ratio") == 0.4
+    assert value(metrics, "elasticd_train_total_steps") == 1000
+
+
+def test_worker_peak_memory_is_the_largest_known_and_kept_while_unknown() -> None:
+    metrics = fresh(hosts_rank0=False)
+    assert value(metrics, "elasticd_worker_peak_memory_bytes") == 0
+    metrics.set_worker_memory([3 << 30, None, 5 << 30])
+    assert value(metrics, "elasticd_worker_peak_memory_bytes") == 5 << 30
+    metrics.set_worker_memory([None])  # between rounds, or a loop that does not report it
+    assert value(metrics, "elasticd_worker_peak_memory_bytes") == 5 << 30

@@ -106,3 +106,18 @@ def test_a_beat_publishes_the_mean_compute_time_of_the_steps_since_the_last_one(
     assert daemon.heartbeats()[0].compute_seconds == pytest.approx((0.2 + 0.4 + 0.6) / 3)
     worker.beat(4, "save")  # no step since: no compute time
     assert daemon.heartbeats()[0].compute_seconds is None
+
+
+def test_a_beat_publishes_the_newest_peak_memory_even_after_rate_limited_beats(
+    tmp_path: Path,
+) -> None:
+    daemon = DaemonChannel(tmp_path)
+    clock = _Clock()
+    worker = WorkerChannel(str(tmp_path), local_rank=0, monotonic=clock, min_interval_seconds=0.5)
+    worker.beat(1, peak_memory_bytes=100)
+    assert daemon.heartbeats()[0].peak_memory_bytes == 100
+    clock.now += 0.1
+    worker.beat(2, peak_memory_bytes=300)  # rate-limited: not written, but kept
+    clock.now += 0.5
+    worker.beat(3)
+    assert daemon.heartbeats()[0].peak_memory_bytes == 300

@@ -41,6 +41,14 @@ def test_heartbeat_compute_seconds_is_optional_on_the_wire() -> None:
     assert Heartbeat.from_json(0, through_json(beat.to_json())) == beat
 
 
+def test_heartbeat_peak_memory_is_optional_on_the_wire() -> None:
+    old = {"step": 5, "phase": "train", "time_unix": 1.0, "pid": 9}  # a loop from before it
+    assert Heartbeat.from_json(0, old).peak_memory_bytes is None
+    assert "peak_memory_bytes" not in Heartbeat.from_json(0, old).to_json()
+    beat = Heartbeat(0, 5, Phase.TRAIN, 1.0, 9, peak_memory_bytes=80 << 30)
+    assert Heartbeat.from_json(0, through_json(beat.to_json())) == beat
+
+
 @pytest.mark.parametrize("to_step", [None, 0, 40])
 def test_control_survives_a_json_round_trip(to_step: int | None) -> None:
     control = Control(seq=7, action=Action.REWIND, to_step=to_step, time_unix=1700000000.5)

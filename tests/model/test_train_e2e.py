@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
+from model.gpt import GPT, GPTConfig
 from tests.support.procs import events, running, step_losses, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
 # 24 samples of 32 tokens per step: splits evenly over 1, 2 and 3 ranks with micro-batches of 4.
 GLOBAL_BATCH_TOKENS = 24 * 32
+PEAK_FLOPS = 1e12  # made up: a CPU has no known peak, so without it no MFU
 
 
 def job(tmp: Path, demo: Path, **overrides: Any) -> dict[str, Any]:
@@ -34,6 +36,7 @@ def job(tmp: Path, demo: Path, **overrides: Any) -> dict[str, Any]:
             "seq_len": 32,
             "warmup_steps": 5,
             "log_sample_ids": True,
+            "peak_flops_per_device": PEAK_FLOPS,
         },
     }
     for section, values in overrides.items():
@@ -65,6 +68,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path) -
     tmp = tmp_path_factory.mktemp("uninterrupted")
     config = write_config(tmp / "job.yaml", job(tmp, demo_corpus))
     return run_to_end(config, tmp / "logs", world_size=2)
+
+
+def test_step_lines_report_tokens_flops_mfu_and_total_steps(uninterrupted: Path) -> None:
+    flops_per_token = GPT(GPTConfig(size="tiny", max_seq_len=32)).flops_per_token(32)
+    lines = events(uninterrupted, "step")
+    assert [line["step"] for line in lines] == list(range(1, 41))
+    for line in lines:
+        assert line["tokens"] == GLOBAL_BATCH_TOKENS  # the group's, both ranks together
+        assert line["total_steps"] == 40
+        assert line["flops"] == GLOBAL_BATCH_TOKENS * flops_per_token
+        # Both ranks' devices: step FLOP/s over twice the peak (step_seconds and mfu are
+        # rounded to 5 decimals in the line, hence the tolerance).
+        expected = line["flops"] / line["step_seconds"] / (2 * PEAK_FLOPS)
+        assert line["mfu"] == pytest.approx(expected, rel=1e-2, abs=2e-5)
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The metric names the daemon implements (the brief's list); a rename must be deliberate.
 EXPECTED_NAMES = {
+    "elasticd_build_info",
     "elasticd_daemon_state",
     "elasticd_etcd_up",
     "elasticd_group_world_size",
@@ -31,6 +32,10 @@ EXPECTED_NAMES = {
     "elasticd_train_grad_norm",
     "elasticd_train_learning_rate",
     "elasticd_train_tokens_per_second",
+    "elasticd_train_tokens_total",
+    "elasticd_train_mfu_ratio",
+    "elasticd_train_total_steps",
+    "elasticd_worker_peak_memory_bytes",
     "elasticd_train_step_duration_seconds",
     "elasticd_train_last_step_timestamp_seconds",
     "elasticd_eval_loss",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
 
+from daemon.metrics import NodeMetrics
 from ops import metrics_catalog as mc
+from tests.support.prometheus import MetricsEndpoint, PrometheusServer, prometheus_binary
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Panel title -> metrics its queries must use (the operator questions each panel answers).
@@ -41,6 +44,31 @@ REQUIRED_PANELS = {
     "etcd up": {"elasticd_etcd_up"},
     "Step compute time by node": {"elasticd_node_step_compute_seconds"},
     "Straggler ratio by node": {"elasticd_node_straggler_ratio", "elasticd_node_straggler"},
+    "MFU": {"elasticd_train_mfu_ratio"},
+    "Progress": {"elasticd_train_step", "elasticd_train_total_steps"},
+    "Tokens in the time range": {"elasticd_train_tokens_total"},
+    "Worker peak memory by node": {"elasticd_worker_peak_memory_bytes"},
+    "Build": {"elasticd_build_info"},
+}
+# State panel -> (metric, the colour each of its states must show).
+STATE_COLOURS = {
+    "Daemon state": (
+        "elasticd_daemon_state",
+        {
+            "failed": "red",
+            "diverged": "red",
+            "starting": "orange",
+            "joining": "orange",
+            "waiting": "orange",
+            "draining": "orange",
+            "running": "green",
+            "stopped": "green",
+        },
+    ),
+    "Guard state": (
+        "elasticd_guard_state",
+        {"diverged": "red", "watching": "orange", "rewinding": "orange", "ok": "green"},
+    ),
 }
 
 
@@ -167,3 +195,72 @@ def test_the_filter_check_catches_a_missing_node_filter(dashboard: dict[str, Any
     target = _panel(broken, "Tokens/s")["targets"][0]
     target["expr"] = target["expr"].replace(', node=~"$node"', "")
     assert _filter_problems(broken) == ["panel 'Tokens/s' A: elasticd_train_tokens_per_second"]
+
+
+def threshold_colour(panel: dict[str, Any], value: float) -> str:
+    """The colour Grafana gives ``value``: the last threshold step at or below it."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    colour = steps[0]["color"]
+    for step in steps[1:]:
+        if value >= step["value"]:
+            colour = step["color"]
+    return str(colour)
+
+
+def _state_values(panel: dict[str, Any], metric: str) -> dict[str, float]:
+    """State -> the value the panel's query gives it: each `or` branch selects some states
+    (a `state` matcher) and multiplies them by its factor (none: 1)."""
+    (target,) = panel["targets"]
+    values: dict[str, float] = {}
+    for branch in target["expr"].split("\nor\n"):
+        (selector,) = [s for s in mc.selectors(branch) if s.metric == metric]
+        (matcher,) = [m for m in selector.matchers if m.label == "state"]
+        factor = re.search(r"\* (\d+)\s*$", branch)
+        for state in matcher.value.split("|"):
+            assert state not in values, f"{state} in two branches"
+            values[state] = float(factor.group(1)) if factor else 1.0
+    return values
+
+
+@pytest.mark.parametrize("title", sorted(STATE_COLOURS))
+def test_state_panels_colour_every_state_and_failed_or_diverged_red(
+    dashboard: dict[str, Any], catalog: mc.Catalog, title: str
+) -> None:
+    metric, expected = STATE_COLOURS[title]
+    label = catalog.get(metric).label("state")
+    assert label is not None and set(expected) == set(label.values or ())
+    panel = _panel(dashboard, title)
+    assert panel["options"]["colorMode"] == "background"
+    values = _state_values(panel, metric)
+    assert {state: threshold_colour(panel, values[state]) for state in expected} == expected
+
+
+@pytest.mark.skipif(prometheus_binary() is None, reason="prometheus not installed (Debian)")
+def test_a_live_prometheus_shows_a_failed_daemon_and_a_diverged_guard_in_red(
+    dashboard: dict[str, Any],
+) -> None:
+    failed = NodeMetrics(run_id="r1", node="n0")
+    failed.set_state("failed")
+    running = NodeMetrics(run_id="r1", node="n1")
+    running.set_state("running")
+    running.set_hosts_rank0(True)
+    running.on_worker_line({"event": "diverged", "reasons": ["budget"]})
+    colours: dict[str, str] = {}
+    with (
+        MetricsEndpoint(failed.registry) as a,
+        MetricsEndpoint(running.registry) as b,
+        PrometheusServer([a.target, b.target]) as prom,
+    ):
+        prom.wait_for('count(elasticd_build_info{run_id="r1"}) == 2', timeout_seconds=30)
+        for title in STATE_COLOURS:
+            panel = _panel(dashboard, title)
+            expr = mc.substitute_variables(panel["targets"][0]["expr"])
+            for series in prom.query(expr):
+                labels = series["metric"]
+                key = f"{title} {labels.get('node', labels['run_id'])} {labels['state']}"
+                colours[key] = threshold_colour(panel, float(series["value"][1]))
+    assert colours == {
+        "Daemon state n0 failed": "red",
+        "Daemon state n1 running": "green",
+        "Guard state r1 diverged": "red",
+    }

@@ -158,7 +158,9 @@ def live(
         endpoint=etcd_server.endpoint,
         run_id=RUN_ID,
         nodes={"min": 2, "max": 2},
-        train={"steps": 100_000},  # still training when the tests are done; torn down below
+        # Still training when the tests are done (torn down below); a made-up peak gives the
+        # CPU run an MFU series for the dashboard's MFU panel.
+        train={"steps": 100_000, "peak_flops_per_device": 1e12},
         data={"eval_every_steps": 20},  # eval_loss series (an open label) for the dashboard
         # Spike checks wait for 32 accepted steps (default 64): keeps the run short.
         guard={"warmup_steps": 32, "window_steps": 64},

@@ -96,6 +96,8 @@ def test_a_loop_runs_to_the_end_with_checkpoints_at_the_interval(
     assert step_line["lr"] == 0.05
     assert step_line["world_size"] == 1
     assert step_line["tokens_per_s"] > 0
+    assert (step_line["tokens"], step_line["total_steps"]) == (8, 12)
+    assert "flops" not in step_line and "mfu" not in step_line  # no flops_per_token given
 
 
 def test_a_second_run_resumes_after_the_last_checkpoint(
@@ -222,6 +224,7 @@ def test_the_daemon_sees_heartbeats_and_a_drain_commits_and_exits_drained(
     assert [m.step for m in run.ckpt.list()] == [4, 6]
     beat = daemon.heartbeats()[0]
     assert (beat.step, beat.phase) == (6, Phase.TRAIN)
+    assert beat.peak_memory_bytes is not None and beat.peak_memory_bytes > 1 << 20  # peak RSS
     assert events(log_lines(), "drain")
 
 
@@ -314,3 +317,26 @@ def test_time_in_a_phase_is_not_counted_in_the_step_line(
     assert run.finish() == ExitCode.OK
     (line,) = events(log_lines(), "step")
     assert line["step_seconds"] < 0.2
+
+
+def test_flops_per_token_gives_the_step_flops_and_mfu_against_the_devices_peak(
+    tmp_path: Path, no_group: None, log_lines: Lines
+) -> None:
+    run = start(run_config(tmp_path))
+    assert run.peak_flops_per_device is None  # a CPU has no known peak
+    model = torch.nn.Linear(4, 1)
+    run.track(model=model)
+    for step in run.steps(2):
+        if step == 2:
+            run.peak_flops_per_device = 1e9  # what a loop on an unlisted device sets
+        loss = model(torch.ones(8, 4)).square().mean()
+        run.report(loss=loss, tokens=8, flops_per_token=1000.0)
+    assert run.finish() == ExitCode.OK
+    first, second = events(log_lines(), "step")
+    assert (first["flops"], second["flops"]) == (8000.0, 8000.0)
+    assert "mfu" not in first
+    # MFU: the step's FLOPs over its time, over the group's peak (one device here); the line
+    # rounds step_seconds to 5 decimals and mfu to 5, hence bounds rather than one value.
+    seconds = second["step_seconds"]
+    low, high = (8000.0 / (seconds + d) / 1e9 for d in (5e-6, -5e-6))
+    assert low - 5e-6 <= second["mfu"] <= high + 5e-6
