@@ -1,7 +1,8 @@
 """``RunStore``: a run's status, control requests and bounded event log in etcd (JSON values).
 
-The daemon writes status and events and executes control requests; ``elasticctl`` reads status
-and events and writes control requests. Keys are in ``keys.RunKeys``.
+The daemon writes status and events and executes control requests; ``elasticctl`` reads status,
+node records, the latest round record and events, and writes control requests. Keys are in
+``keys.RunKeys``.
 
 Control document (``get_control()``), every key optional::
 
@@ -111,6 +112,11 @@ class RunStore:
             except EtcdStateError:
                 continue
         return out
+
+    def latest_round(self) -> records.RoundRecord | None:
+        """The group's latest round record (``group/round``), open or closed; one read."""
+        kv = self._kv.get(self._keys.round)
+        return None if kv is None else records.decode_round(kv.key, kv.value)
 
     # -- control -----------------------------------------------------------------------------
 
