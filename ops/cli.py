@@ -370,8 +370,10 @@ def _request(
     args: argparse.Namespace, update: Mapping[str, Any], *, text: str, check: Check
 ) -> int:
     """Write a control request, record it (with who asked) in the run's event log, and with
-    ``--wait`` poll ``check(store, event seq of the request)`` until it was applied."""
+    ``--wait`` poll ``check(store, seq)`` until it was applied: events after ``seq`` (the log's
+    newest before the request was written) can be its outcome."""
     store: RunStore = args.target.store()
+    before_seq = store.last_event_seq()  # a fast group may answer before our record lands
     document = store.put_control(update)
     by = requester()
     request = {"request": dict(update), "control_seq": document["seq"], "by": by}
@@ -381,7 +383,7 @@ def _request(
         _emit(args, result, f"{text} requested (control seq {document['seq']})")
         return EXIT_OK
     started = time.monotonic()
-    progress = waiting.wait(lambda: check(store, event_seq), timeout_seconds=args.timeout)
+    progress = waiting.wait(lambda: check(store, before_seq), timeout_seconds=args.timeout)
     seconds = round(time.monotonic() - started, 1)
     result.update(applied=progress.done, detail=progress.detail, waited_seconds=seconds)
     if progress.done:

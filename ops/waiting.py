@@ -65,7 +65,7 @@ def rewind_applied(
             return Progress(True, f"rewound to step {to_step}")
         if event.get("event") == REWIND_REFUSED:
             reason = event.get("reason") or "no reason given"
-            return Progress(False, f"rewind to step {to_step} refused: {reason}", failed=True)
+            return Progress(False, f"refused: {reason}", failed=True)
     return Progress(False, f"no rewind to step {to_step} yet: it happens at a step boundary")
 
 

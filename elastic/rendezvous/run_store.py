@@ -186,6 +186,11 @@ class RunStore:
                 return seq
         raise EtcdRequestError(f"{counter}: {_MAX_CAS_ATTEMPTS} concurrent appends in a row")
 
+    def last_event_seq(self) -> int:
+        """The seq of the newest event (0: none yet); one read of the counter."""
+        kv = self._kv.get(self._keys.event_seq)
+        return 0 if kv is None else int(kv.value)
+
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` events, oldest first."""
         kvs, _ = self._kv.get_prefix(self._keys.events)

@@ -248,6 +248,42 @@ def test_scale_waits_for_a_round_under_the_new_bounds(run: tuple[list[str], RunS
     assert "scale to min 1, max 1 applied: round 5 formed with 1 node(s)" in scaled.stdout
 
 
+def test_rewind_waits_for_the_rewind_and_fails_at_once_when_the_group_refuses(
+    run: tuple[list[str], RunStore], tmp_path: Path
+) -> None:
+    import torch
+
+    from elastic.checkpoint import CheckpointConfig, CheckpointManager
+
+    flags, store = run
+    url = str(tmp_path / "ckpt")
+    manager = CheckpointManager(
+        CheckpointConfig(url=url), run_id=store.keys.run_id, rank=0, world_size=1
+    )
+    manager.save(10, {"w": torch.zeros(4)}, meta={})
+    manager.mark_known_good(10)
+    store.put_status({"state": "running", "checkpoint_url": url})
+
+    def asked(control: dict[str, Any]) -> bool:
+        return control.get("rewind") == {"to_step": 10}
+
+    refusal = {"event": "rewind_refused", "to_step": 10, "reason": "no such checkpoint"}
+    player = answer(store, asked, refusal)
+    refused = elasticctl(*flags, "rewind", "--to-step", "10", "--wait")
+    player.join()
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "elasticctl: rewind to step 10: refused: no such checkpoint"
+    ]
+    store.put_control({"rewind": None})  # what rank 0's daemon does with the request
+
+    player = answer(store, asked, {"event": "rewind", "to_step": 10, "kind": "operator"})
+    rewound = elasticctl(*flags, "rewind", "--to-step", "10", "--wait", "-o", "json")
+    player.join()
+    assert rewound.returncode == 0, rewound.stderr
+    assert json.loads(rewound.stdout)["detail"] == "rewound to step 10"
+
+
 def test_every_command_prints_json(run: tuple[list[str], RunStore]) -> None:
     flags, store = run
     publish_running(store, now=time.time())

@@ -121,7 +121,7 @@ def test_rewind_counts_only_events_after_the_request_and_a_refusal_fails_at_once
         [ev(7, "rewind_refused", to_step=10, reason="no such checkpoint")], after_seq=5, to_step=10
     )
     assert refused.failed and not refused.done
-    assert refused.detail == "rewind to step 10 refused: no such checkpoint"
+    assert refused.detail == "refused: no such checkpoint"
 
 
 def round_record(number: int, *, closed: bool, bounds: tuple[int, int]) -> RoundRecord:

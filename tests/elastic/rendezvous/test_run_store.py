@@ -107,6 +107,14 @@ def test_event_log_keeps_the_newest_entries(kv_factory: KvFactory, run_id: str) 
     assert [e["seq"] for e in store.events(limit=2)] == [7, 8]
 
 
+def test_last_event_seq_is_the_newest_events_seq(kv_factory: KvFactory, run_id: str) -> None:
+    store = RunStore(kv_factory(), run_id=run_id, max_events=2)
+    assert store.last_event_seq() == 0
+    for _ in range(3):
+        seq = store.append_event({"event": "x"})
+    assert store.last_event_seq() == seq == 3
+
+
 def test_latest_round_reads_the_groups_round_record(kv_factory: KvFactory, run_id: str) -> None:
     from elastic.rendezvous.records import RoundRecord
 
