@@ -387,7 +387,8 @@ def _request(
     seconds = round(time.monotonic() - started, 1)
     result.update(applied=progress.done, detail=progress.detail, waited_seconds=seconds)
     if progress.done:
-        _emit(args, result, f"{text} applied: {progress.detail} ({human.duration(seconds)})")
+        took = f"{seconds:.1f} s" if seconds < 60 else human.duration(seconds)
+        _emit(args, result, f"{text} applied: {progress.detail} ({took})")
         return EXIT_OK
     if _json(args):
         _emit(args, result, "")
