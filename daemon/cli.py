@@ -23,6 +23,7 @@ from typing import NoReturn
 from elastic import jsonlog
 from elastic.config import ConfigError, one_line
 from elastic.protocol import ExitCode
+from elastic.version import package_version
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elasticd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"elasticd {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="supervise training on this node")
     run.add_argument("--config", required=True, help="YAML job configuration")

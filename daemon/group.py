@@ -376,6 +376,7 @@ class Group:
             "checkpoint_url": self.config.checkpoint.url,
             "nproc_per_node": self.config.nproc_per_node,
             "reported_by": self.node,
+            "train": status.get("train"),  # rank 0's newest step line (loss, tokens/s, ...)
         }
 
     def is_rank0(self) -> bool:
@@ -518,7 +519,10 @@ class _Publisher:
         state = str(status.get("state", "starting"))
         address = self._group.config.nodes.address
         extra = {"address": address} if address else {}
-        return {**status, **extra, "state": RECORD_STATES.get(state, state)}
+        # The step line's numbers are the run status's, not the node record's: every node
+        # watches the records.
+        own = {k: v for k, v in status.items() if k != "train"}
+        return {**own, **extra, "state": RECORD_STATES.get(state, state)}
 
     def start(self, record: dict[str, Any]) -> None:
         self._published = record

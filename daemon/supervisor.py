@@ -60,10 +60,23 @@ from elastic.protocol import (
 )
 from elastic.rendezvous import NodeIdTaken
 
-# Worker events that also go to the run's event log in etcd (elasticctl events).
+# Worker events that also go to the run's event log in etcd (elasticctl events; paused,
+# resumed, rewind and rewind_refused also tell `elasticctl ... --wait` a request was applied).
 _EVENT_LOG = frozenset(
-    {Event.REWIND, Event.DIVERGED, Event.DIVERGENCE, Event.CHECKPOINT_COMMIT, Event.DRAIN}
+    {
+        Event.REWIND,
+        Event.REWIND_REFUSED,
+        Event.DIVERGED,
+        Event.DIVERGENCE,
+        Event.CHECKPOINT_COMMIT,
+        Event.DRAIN,
+        Event.PAUSED,
+        Event.RESUMED,
+    }
 )
+# Fields of the newest step line that the run status carries (elasticctl status); absent ones
+# are left out. Only global rank 0 writes step lines: its node's status has them.
+TRAIN_FIELDS = ("loss", "tokens_per_s", "step_seconds", "total_steps")
 
 
 class Supervisor:
@@ -95,6 +108,7 @@ class Supervisor:
         self.last_step = 0
         self.detail = ""
         self.last_failure: dict[str, Any] | None = None  # the newest failed worker's report
+        self.train: dict[str, Any] | None = None  # the newest step line's TRAIN_FIELDS
         self.stragglers = StragglerAccount(
             config.stragglers, node=self.node, metrics=self.metrics, log=self.log
         )
@@ -146,6 +160,8 @@ class Supervisor:
             status["last_failure"] = self.last_failure
         if self.stragglers.compute_seconds is not None:
             status[STATUS_KEY] = round(self.stragglers.compute_seconds, 6)
+        if self.train is not None:
+            status["train"] = self.train
         return status
 
     def _publish_status(self) -> None:
@@ -342,6 +358,7 @@ class Supervisor:
         self.metrics.on_worker_line(record)
         if record.get("event") == Event.STEP:
             self.last_step = int(record.get("step", self.last_step))
+            self.train = train_summary(record, now_unix=time.time())
         elif self.group is not None and record.get("event") in _EVENT_LOG:
             self.group.event({k: v for k, v in record.items() if k != "ts"})
 
@@ -548,6 +565,13 @@ class Supervisor:
         self.log.error("stopped_training", state=self.state.value, detail=self.detail)
         self.terminate.wait()
         return code
+
+
+def train_summary(step_line: Mapping[str, Any], *, now_unix: float) -> dict[str, Any]:
+    """The run status's ``train``: a step line's ``TRAIN_FIELDS`` that it has, its step and
+    when it arrived (``time_unix``: readers tell how old the numbers are)."""
+    summary = {k: step_line[k] for k in TRAIN_FIELDS if step_line.get(k) is not None}
+    return {**summary, "step": step_line.get("step"), "time_unix": round(now_unix, 3)}
 
 
 class _Progress:

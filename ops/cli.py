@@ -1,26 +1,35 @@
 """``elasticctl``: read and steer a running elasticd run through etcd.
 
-    elasticctl [--config FILE] [--etcd ENDPOINTS] [--run-id ID] [--key-prefix P]
-               [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--user NAME] COMMAND
+    elasticctl [GLOBAL FLAGS] COMMAND [FLAGS]      (global flags also after the command)
 
-    status [--json]                  the run's state, round, members, world size, last step,
-                                     and each node's last failed worker (command, exit code,
-                                     last output lines)
-    events [--limit N] [--json]      the run's bounded event log (oldest first)
+    status [-w [--interval S] [--count N]]
+                                     state, round, world size, step of total, ETA, loss,
+                                     tokens/s, step time, newest checkpoint and its age, node
+                                     bounds; each node's state and last failure; goodput.
+                                     -w: print again every S seconds (2) until Ctrl-C, or N times
+    events [--limit N]               the run's bounded event log (oldest first)
     checkpoints [--url URL] [--verify]
-                                     committed checkpoints, known-good flags, file checks
-                                     (storage only: with --url or --config, no etcd needed)
-    scale --min N --max M            new node bounds (1 <= N <= M <= 65536); the group
-                                     re-forms at a step boundary
-    pause | resume                   hold training at the next step boundary / go on
-    rewind --to-step N               rewind to the committed known-good checkpoint of step N
+                                     committed checkpoints: step, world size, known-good, size,
+                                     age, file checks (storage only: with --url or --config,
+                                     no etcd needed)
+    scale --min N --max M [--wait]   new node bounds (1 <= N <= M <= 65536); the group re-forms
+                                     at a step boundary
+    pause | resume [--wait]          hold training at the next step boundary / go on
+    rewind --to-step N [--wait]      rewind to the committed known-good checkpoint of step N
                                      (a diverged run restarts from it); the checkpoints are
                                      read from --config's storage, else the run status's URL
-    audit [--url URL] [--json]       the samples each checkpoint's chain says the run consumed,
+    audit [--url URL]                the samples each checkpoint's chain says the run consumed,
                                      checked against the run's sampler across every restart,
                                      resize and rewind (0 ok, 1 divergence: the first one is
                                      printed, 2 nothing to audit; storage only, like checkpoints)
     report --log FILE... --out PNG   loss and grad norm over steps, with events marked
+    completion bash|zsh|tcsh         the shell completion script (bash: source <(elasticctl
+                                     completion bash))
+
+Global flags: ``--config FILE``, ``--etcd ENDPOINTS``, ``--run-id ID``, ``--key-prefix P``,
+``--tls-ca PEM``, ``--tls-cert PEM --tls-key PEM``, ``--user NAME``, and ``-o json`` (or
+``--json``): every command prints one JSON document instead of text (``status -w``: one per
+line). ``--version`` prints the installed version.
 
 Where the run is: ``--config`` reads the job's config file as the daemon does (its ``run_id``
 and ``etcd`` section, with the same ``ELASTICD_*`` environment overrides, so inside a pod
@@ -33,112 +42,174 @@ password is never a flag (it would show in the process list): ``etcd.password`` 
 
 Control requests are written to the run's control key in etcd, which every daemon watches;
 they take effect at the next step boundary. Each is also recorded in the run's event log as a
-``control_request`` event with who asked (``by``: user@host). Bad usage: one line on stderr,
-exit code 2.
+``control_request`` event with who asked (``by``: user@host). ``--wait [--timeout S]`` returns
+once the group applied it (ops/waiting.py says how that is told), else exit code 1 with one
+line saying what it still waits for. Bad usage: one line on stderr, exit code 2.
+
+``--help``, ``--version``, ``completion`` and ``status`` do not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import getpass
 import json
 import os
-import shlex
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
-from daemon.config import MAX_NODES, DaemonConfig
-from daemon.embedded_etcd import published_endpoint
-from elastic.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
-from elastic.config import build, check_name, layered
-from elastic.rendezvous import EtcdConfig, EtcdRendezvousError, RunStore, connect
-from ops import goodput
+from daemon.config import MAX_NODES
+from elastic.checkpoint import CheckpointConfig, CheckpointError
+from elastic.config import one_line
+from elastic.rendezvous import EtcdRendezvousError, RunStore
+from elastic.version import package_version
+from ops import human, status_view, waiting
+from ops.status_view import failure_lines
+from ops.target import NoEmbeddedEtcd, Target, target
+
+__all__ = ["failure_lines", "main", "requester", "target"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-DEFAULT_ENDPOINT = "127.0.0.1:2379"
+SHELLS = ("bash", "zsh", "tcsh")
+FILE_FLAGS = ("config", "tls_ca", "tls_cert", "tls_key", "log", "out")  # complete file names
+WATCH_SECONDS = 2.0
+WAIT_TIMEOUT_SECONDS = 300.0
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-class NoEmbeddedEtcd(Exception):
-    """The job runs on an embedded etcd, and no daemon of it is running now."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"elasticctl: usage: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """The run elasticctl acts on, resolved once from the config file, environment and flags."""
-
-    run_id: str
-    etcd: EtcdConfig
-    checkpoint: CheckpointConfig | None = None  # the job's, when --config names one
-    no_etcd: str | None = None  # why there is no etcd to reach (embedded, not running)
+def _global_flags(*, suppress: bool) -> _Parser:
+    """The flags every command takes, before or after its name. Under a command they default to
+    SUPPRESS, so one given there overrides one given before it and an absent one changes
+    nothing (kubectl's flags-anywhere)."""
+    parent = _Parser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    flags = parent.add_argument_group("global flags (before or after the command)")
+    flags.add_argument(
+        "--config", metavar="FILE", default=default, help="the job's config file (run_id, etcd)"
+    )
+    flags.add_argument(
+        "--etcd", metavar="ENDPOINTS", default=default, help="comma-separated etcd endpoints"
+    )
+    flags.add_argument(
+        "--run-id", metavar="ID", default=default, help="default: from --config, else demo"
+    )
+    flags.add_argument(
+        "--key-prefix",
+        metavar="PREFIX",
+        default=default,
+        help="default: from --config, else /elasticd",
+    )
+    flags.add_argument(
+        "--tls-ca", metavar="PEM", default=default, help="PEM file of the CA of etcd's cert"
+    )
+    flags.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        default=default,
+        help="client certificate (PEM), with --tls-key",
+    )
+    flags.add_argument(
+        "--tls-key", metavar="PEM", default=default, help="client key (PEM), with --tls-cert"
+    )
+    flags.add_argument(
+        "--user",
+        metavar="NAME",
+        default=default,
+        help="etcd user; password: ELASTICD_ETCD__PASSWORD",
+    )
+    flags.add_argument(
+        "-o", "--output", choices=("text", "json"), default=default, help="text (default) or json"
+    )
+    flags.add_argument(
+        "--json",
+        action="store_const",
+        const="json",
+        dest="output",
+        default=default,
+        help="same as -o json",
+    )
+    return parent
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="elasticctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="elasticctl",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_flags(suppress=False)],
     )
-    parser.add_argument("--config", default=None, help="the job's config file (run_id, etcd)")
-    parser.add_argument(
-        "--etcd",
-        default=None,
-        help=f"comma-separated etcd endpoints (default: from --config, else {DEFAULT_ENDPOINT})",
+    parser.add_argument("--version", action="version", version=f"elasticctl {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    flags = _global_flags(suppress=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[flags]
+        )
+        return made
+
+    status = command("status", "the run's state, progress, nodes and goodput")
+    status.add_argument("-w", "--watch", action="store_true", help="print again until Ctrl-C")
+    status.add_argument(
+        "--interval", metavar="SECONDS", type=float, default=WATCH_SECONDS, help="seconds, with -w"
     )
-    parser.add_argument("--run-id", default=None, help="default: from --config, else demo")
-    parser.add_argument("--key-prefix", default=None, help="default: from --config, else /elasticd")
-    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed etcd's cert")
-    parser.add_argument("--tls-cert", default=None, help="client certificate (PEM), with --tls-key")
-    parser.add_argument("--tls-key", default=None, help="client key (PEM), with --tls-cert")
-    parser.add_argument(
-        "--user", default=None, help="etcd user; password from ELASTICD_ETCD__PASSWORD"
+    status.add_argument(
+        "--count", metavar="N", type=int, default=None, help="with -w: stop after N prints"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status")
-    status.add_argument("--json", action="store_true")
-    events = sub.add_parser("events")
+    events = command("events", "the run's event log, oldest first")
     events.add_argument("--limit", type=int, default=50)
-    events.add_argument("--json", action="store_true")
-    ckpt = sub.add_parser("checkpoints")
-    ckpt.add_argument(
-        "--url", default=None, help="checkpoint.url (default: from --config, else run status)"
+    for name, help_text in (
+        ("checkpoints", "committed checkpoints (storage only)"),
+        ("audit", "check the data the run consumed against its sampler (docs/data.md)"),
+    ):
+        storage = command(name, help_text)
+        storage.add_argument(
+            "--url", default=None, help="checkpoint.url (default: from --config, else run status)"
+        )
+    sub.choices["checkpoints"].add_argument(
+        "--verify", action="store_true", help="check files against manifests"
     )
-    ckpt.add_argument("--verify", action="store_true", help="check files against manifests")
-    ckpt.add_argument("--json", action="store_true")
-    scale = sub.add_parser("scale")
+    scale = command("scale", "new node bounds; the group re-forms at a step boundary")
     scale.add_argument("--min", type=int, required=True, dest="min_nodes")
     scale.add_argument("--max", type=int, required=True, dest="max_nodes")
-    sub.add_parser("pause")
-    sub.add_parser("resume")
-    rewind = sub.add_parser(
-        "rewind",
-        help="rewind to a committed checkpoint; restarts a diverged run from it",
-    )
+    command("pause", "hold training at the next step boundary")
+    command("resume", "go on after a pause")
+    rewind = command("rewind", "rewind to a committed checkpoint; restarts a diverged run from it")
     rewind.add_argument("--to-step", type=int, required=True)
-    audit = sub.add_parser(
-        "audit", help="check the data the run consumed against its sampler (docs/data.md)"
-    )
-    audit.add_argument(
-        "--url", default=None, help="checkpoint.url (default: from --config, else run status)"
-    )
-    audit.add_argument("--json", action="store_true")
-    report = sub.add_parser("report")
+    for name in ("scale", "pause", "resume", "rewind"):
+        control = sub.choices[name]
+        control.add_argument("--wait", action="store_true", help="return once it was applied")
+        control.add_argument(
+            "--timeout", type=float, default=WAIT_TIMEOUT_SECONDS, help="seconds, with --wait"
+        )
+    report = command("report", "loss and grad norm over steps, events marked (PNG)")
     report.add_argument("--log", nargs="+", required=True, help="JSON-lines logs of the run")
     report.add_argument("--out", required=True, help="PNG file to write")
+    completion = command("completion", "print the shell completion script")
+    completion.add_argument("shell", choices=SHELLS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "report":
-        from ops.report import write_report
-
-        return write_report(args.log, args.out)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
+        check_args(args)
+        if args.command in _LOCAL:  # nothing to find: no config, no etcd
+            return _LOCAL[args.command](args, parser)
         args.target = target(args, os.environ)
         return _COMMANDS[args.command](args)
     except ValueError as exc:
@@ -149,154 +220,92 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
-    """Run id, etcd settings and (with --config) the checkpoint config: the config file and
-    environment as the daemon reads them, then the flags. A ConfigError (a ValueError) names
-    the key and value."""
-    document = layered(args.config, environ=environ)
-    etcd_doc = dict(document.get("etcd") or {})
-    if args.etcd is not None:  # endpoints and user are validated together with the file's
-        etcd_doc["endpoints"] = [e.strip() for e in args.etcd.split(",") if e.strip()]
-    if args.user is not None:
-        if etcd_doc.get("password") is None:
-            raise ValueError(f"--user={args.user}: set ELASTICD_ETCD__PASSWORD (or etcd.password)")
-        etcd_doc["user"] = args.user
-    document["etcd"] = etcd_doc
-    job = build(DaemonConfig, document)
-    run_id = job.run_id if args.run_id is None else args.run_id
-    check_name("--run-id", run_id)
-    flags = _etcd_flags(args)
-    no_etcd = None
-    if not job.etcd.endpoints:  # the daemon runs an embedded etcd, if any
-        embedded = published_endpoint(Path(job.run_dir))
-        if embedded is None and args.config is not None:
-            no_etcd = (
-                f"etcd.endpoints=[] in {args.config}: the run's embedded etcd is not running "
-                f"(no endpoint file under run_dir={job.run_dir!r}); start elasticd first"
-            )
-        flags["endpoints"] = (embedded or DEFAULT_ENDPOINT,)
-    etcd = dataclasses.replace(job.etcd, **{k: v for k, v in flags.items() if v is not None})
-    checkpoint = job.checkpoint if args.config is not None else None
-    return Target(run_id, etcd, checkpoint, no_etcd)
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag and its value for numbers out of range."""
+    if getattr(args, "interval", 1.0) <= 0:
+        raise ValueError(f"--interval={args.interval}: must be > 0 seconds")
+    count = getattr(args, "count", None)
+    if count is not None and (count < 1 or not args.watch):
+        raise ValueError(f"--count={count}: must be >= 1, with -w/--watch")
+    if getattr(args, "timeout", 1.0) <= 0:
+        raise ValueError(f"--timeout={args.timeout}: must be > 0 seconds")
+    if getattr(args, "limit", 0) < 0:
+        raise ValueError(f"--limit={args.limit}: must be >= 0")
 
 
-def _etcd_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """EtcdConfig fields given on the command line (None: not given)."""
-    return {
-        "key_prefix": args.key_prefix,
-        "tls_ca": args.tls_ca,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-    }
+def _json(args: argparse.Namespace) -> bool:
+    return bool(args.output == "json")
 
 
-def _store(args: argparse.Namespace) -> RunStore:
-    run: Target = args.target
-    if run.no_etcd is not None:
-        raise NoEmbeddedEtcd(run.no_etcd)
-    return RunStore(connect(run.etcd), run_id=run.run_id, key_prefix=run.etcd.key_prefix)
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True) if _json(args) else text)
 
 
+# ----------------------------------------------------------------- reading
 def cmd_status(args: argparse.Namespace) -> int:
-    store = _store(args)
-    status = store.get_status()
-    if status is None:
-        print(f"elasticctl: no status for run {args.target.run_id!r}", file=sys.stderr)
-        return EXIT_FAILED
-    status["members"] = _members(status, store.members())
-    per_node_goodput = goodput.member_ledgers(status.get("members") or {}, now_unix=time.time())
-    for node, ledger in per_node_goodput.items():  # as of now, not of each node's last write
-        status["members"][node]["goodput"] = ledger
-    if per_node_goodput:
-        status["goodput"] = goodput.combine(per_node_goodput.values())
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+    store: RunStore = args.target.store()
+    if not args.watch:
+        return _status_frame(args, store, watching=False)
+    frames = 0
+    try:
+        while True:
+            _status_frame(args, store, watching=True)
+            frames += 1
+            if args.count is not None and frames >= args.count:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:  # how a watch ends
         return EXIT_OK
-    rows = [
-        (k, status.get(k))
-        for k in (
-            "state",
-            "round",
-            "world_size",
-            "last_step",
-            "min_nodes",
-            "max_nodes",
-            "checkpoint_url",
-        )
-    ]
-    print(_table(["field", "value"], rows))
-    members = status.get("members") or {}
-    if members:
-        print()
-        print(
-            _table(
-                ["node", "state", "round", "group_rank", "last_step"],
-                [
-                    (n, i.get("state"), i.get("round"), i.get("group_rank"), i.get("last_step"))
-                    for n, i in sorted(members.items())
-                ],
-            )
-        )
-    for line in failure_lines(members):
-        print(line)
-    if per_node_goodput:
-        print()
-        print("\n".join(goodput.lines(per_node_goodput)))
+
+
+def _status_frame(args: argparse.Namespace, store: RunStore, *, watching: bool) -> int:
+    """One print of the status; a run with no status yet is an error unless watching."""
+    now = time.time()
+    status = status_view.gather(store, now_unix=now)
+    if status is None:
+        missing = f"no status for run {args.target.run_id!r}"
+        if not watching:
+            print(f"elasticctl: {missing}", file=sys.stderr)
+            return EXIT_FAILED
+        status, text = {"run_id": args.target.run_id, "state": None}, f"{missing} (yet)"
+    else:
+        text = status_view.render(status, now_unix=now)
+    if watching and _json(args):
+        print(json.dumps(status, sort_keys=True), flush=True)  # JSON lines
+    elif watching:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        lead = CLEAR_SCREEN if sys.stdout.isatty() else "\n"
+        print(f"{lead}{args.target.run_id} at {stamp}\n\n{text}", flush=True)
+    else:
+        _emit(args, status, text)
     return EXIT_OK
-
-
-def _members(status: Mapping[str, Any], records: Mapping[str, Any]) -> dict[str, Any]:
-    """Live nodes' records with their round and group rank (ranks follow the order of the
-    round's ``nodes``; a node outside the round has neither)."""
-    ranks = {name: rank for rank, name in enumerate(status.get("nodes") or [])}
-    return {
-        node: {
-            **info,
-            "round": status.get("round") if node in ranks else None,
-            "group_rank": ranks.get(node),
-        }
-        for node, info in records.items()
-    }
-
-
-def failure_lines(members: Mapping[str, Any]) -> list[str]:
-    """Per node with a ``last_failure`` in its status: the command, exit code and last output
-    lines of its newest failed worker (a loop's traceback is usually all there is to see)."""
-    lines: list[str] = []
-    for node, info in sorted(members.items()):
-        failure = info.get("last_failure") if isinstance(info, Mapping) else None
-        if not isinstance(failure, Mapping):
-            continue
-        lines += [
-            "",
-            f"last failure on {node}: local rank {failure.get('local_rank')}, "
-            f"exit code {failure.get('returncode')}",
-            f"  command: {shlex.join(str(a) for a in failure.get('command') or [])}",
-            *(f"  | {text}" for text in failure.get("output_tail") or []),
-        ]
-    return lines
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    events = _store(args).events(limit=args.limit)
-    if args.json:
-        print(json.dumps(events, indent=2))
-        return EXIT_OK
+    events = args.target.store().events(limit=args.limit)
+    now = time.time()
+    lines = []
     for event in events:
         rest = {k: v for k, v in event.items() if k not in ("seq", "ts", "event", "node")}
-        print(
-            f"{event.get('seq', ''):>6} {event.get('ts', '')} {event.get('node', '-'):<14} "
+        ts = event.get("ts")
+        when = human.age(ts, now_unix=now) if isinstance(ts, (int, float)) else ""
+        lines.append(
+            f"{event.get('seq', ''):>6} {when:>12} {event.get('node', '-'):<14} "
             f"{event.get('event', ''):<18} {json.dumps(rest, sort_keys=True)}"
         )
+    _emit(args, events, "\n".join(lines))
     return EXIT_OK
 
 
-def _checkpoints(args: argparse.Namespace, url: str | None = None) -> CheckpointManager:
-    """The run's checkpoints: at ``url``, else the job's (--config), else the run status's."""
+def _checkpoints(args: argparse.Namespace, url: str | None = None) -> Any:
+    """The run's checkpoints: at ``url``, else the job's (--config), else the run status's.
+    (``CheckpointManager`` imports torch: only the commands that read checkpoints load it.)"""
+    from elastic.checkpoint import CheckpointManager
+
     run: Target = args.target
     config = CheckpointConfig(url=url) if url else run.checkpoint
     if config is None:
-        url = (_store(args).get_status() or {}).get("checkpoint_url")
+        url = (run.store().get_status() or {}).get("checkpoint_url")
         if not url:
             raise ValueError("--url: not given and the run status has no checkpoint_url")
         config = CheckpointConfig(url=url)
@@ -307,20 +316,20 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     """Reads storage only: with --url or --config it needs no etcd (a finished run, an outage)."""
     manager = _checkpoints(args, args.url)
     listed = [(m, manager.verify(m) if args.verify else []) for m in manager.list()]
-    if args.json:
-        print(json.dumps([_checkpoint_json(m, problems) for m, problems in listed], indent=2))
-    else:
-        rows = [
-            (
-                m.step,
-                m.world_size,
-                m.known_good,
-                m.size_bytes,
-                "; ".join(problems) or ("ok" if args.verify else ""),
-            )
-            for m, problems in listed
-        ]
-        print(_table(["step", "world_size", "known_good", "size_bytes", "verify"], rows))
+    now = time.time()
+    rows = [
+        (
+            m.step,
+            m.world_size,
+            human.yes_no(m.known_good),
+            human.size(m.size_bytes),
+            human.age(m.time_unix, now_unix=now),
+            "; ".join(problems) or ("ok" if args.verify else ""),
+        )
+        for m, problems in listed
+    ]
+    header = ["step", "world_size", "known_good", "size", "age", "verify"]
+    _emit(args, [_checkpoint_json(m, p) for m, p in listed], human.table(header, rows))
     return EXIT_FAILED if any(problems for _, problems in listed) else EXIT_OK
 
 
@@ -330,6 +339,7 @@ def _checkpoint_json(manifest: Any, problems: list[str]) -> dict[str, Any]:
         "world_size": manifest.world_size,
         "known_good": manifest.known_good,
         "size_bytes": manifest.size_bytes,
+        "time_unix": manifest.time_unix,
         "problems": problems,
     }
 
@@ -339,10 +349,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ops.audit import audit, format_text
 
     result = audit(_checkpoints(args, args.url))
-    print(json.dumps(result.to_json(), indent=2) if args.json else format_text(result))
+    print(json.dumps(result.to_json(), indent=2) if _json(args) else format_text(result))
     return result.exit_code
 
 
+# ----------------------------------------------------------------- steering
 def requester(environ: Mapping[str, str] = os.environ) -> str:
     """``user@host`` of whoever runs elasticctl (recorded with every control request)."""
     try:
@@ -352,60 +363,132 @@ def requester(environ: Mapping[str, str] = os.environ) -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _control(args: argparse.Namespace, update: Mapping[str, Any]) -> dict[str, Any]:
-    """Write a control request and record it, with who asked, in the run's event log."""
-    store = _store(args)
+Check = Callable[[RunStore, int], waiting.Progress]
+
+
+def _request(
+    args: argparse.Namespace, update: Mapping[str, Any], *, text: str, check: Check
+) -> int:
+    """Write a control request, record it (with who asked) in the run's event log, and with
+    ``--wait`` poll ``check(store, seq)`` until it was applied: events after ``seq`` (the log's
+    newest before the request was written) can be its outcome."""
+    store: RunStore = args.target.store()
+    before_seq = store.last_event_seq()  # a fast group may answer before our record lands
     document = store.put_control(update)
-    store.append_event(
-        {
-            "event": "control_request",
-            "request": dict(update),
-            "control_seq": document["seq"],
-            "by": requester(),
-        }
+    by = requester()
+    request = {"request": dict(update), "control_seq": document["seq"], "by": by}
+    event_seq = store.append_event({"event": "control_request", **request})
+    result: dict[str, Any] = {**request, "event_seq": event_seq}
+    if not args.wait:
+        _emit(args, result, f"{text} requested (control seq {document['seq']})")
+        return EXIT_OK
+    started = time.monotonic()
+    progress = waiting.wait(lambda: check(store, before_seq), timeout_seconds=args.timeout)
+    seconds = round(time.monotonic() - started, 1)
+    result.update(applied=progress.done, detail=progress.detail, waited_seconds=seconds)
+    if progress.done:
+        took = f"{seconds:.1f} s" if seconds < 60 else human.duration(seconds)
+        _emit(args, result, f"{text} applied: {progress.detail} ({took})")
+        return EXIT_OK
+    if _json(args):
+        _emit(args, result, "")
+    why = (
+        progress.detail
+        if progress.failed
+        else f"not applied within {args.timeout:g} s: {progress.detail}"
     )
-    return document
+    print(f"elasticctl: {text}: {why}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if not 1 <= args.min_nodes <= args.max_nodes <= MAX_NODES:
-        raise ValueError(
-            f"--min={args.min_nodes} --max={args.max_nodes}: need 1 <= min <= max <= {MAX_NODES}"
+    low, high = args.min_nodes, args.max_nodes
+    if not 1 <= low <= high <= MAX_NODES:
+        raise ValueError(f"--min={low} --max={high}: need 1 <= min <= max <= {MAX_NODES}")
+
+    def check(store: RunStore, _: int) -> waiting.Progress:
+        return waiting.scale_applied(
+            store.latest_round(), min_nodes=low, max_nodes=high, live_nodes=len(store.members())
         )
-    doc = _control(args, {"scale": {"min_nodes": args.min_nodes, "max_nodes": args.max_nodes}})
-    print(f"scale requested: min {args.min_nodes}, max {args.max_nodes} (control seq {doc['seq']})")
-    return EXIT_OK
+
+    update = {"scale": {"min_nodes": low, "max_nodes": high}}
+    return _request(args, update, text=f"scale to min {low}, max {high}", check=check)
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    _control(args, {"paused": True})
-    print("pause requested: training holds at the next step boundary")
-    return EXIT_OK
+    return _request(
+        args,
+        {"paused": True},
+        text="pause",
+        check=lambda store, _: waiting.pause_applied(store.events(limit=status_view.EVENTS_READ)),
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    _control(args, {"paused": None})
-    print("resume requested")
-    return EXIT_OK
+    return _request(
+        args,
+        {"paused": None},
+        text="resume",
+        check=lambda store, _: waiting.resume_applied(store.events(limit=status_view.EVENTS_READ)),
+    )
 
 
 def cmd_rewind(args: argparse.Namespace) -> int:
     """Only to a committed, known-good checkpoint: anything else would fail on every node."""
-    if args.to_step < 0:
-        raise ValueError(f"--to-step={args.to_step}: must be >= 0")
+    step = args.to_step
+    if step < 0:
+        raise ValueError(f"--to-step={step}: must be >= 0")
     known_good = [m.step for m in _checkpoints(args).list() if m.known_good]
-    if args.to_step not in known_good:
+    if step not in known_good:
         newest = ", ".join(str(s) for s in sorted(known_good)[-5:]) or "none"
         raise ValueError(
-            f"--to-step={args.to_step}: no known-good checkpoint at that step "
+            f"--to-step={step}: no known-good checkpoint at that step "
             f"(newest known-good steps: {newest})"
         )
-    _control(args, {"rewind": {"to_step": args.to_step}})
-    print(f"rewind to step {args.to_step} requested")
+
+    def check(store: RunStore, after_seq: int) -> waiting.Progress:
+        events = store.events(limit=status_view.EVENTS_READ)
+        return waiting.rewind_applied(events, after_seq=after_seq, to_step=step)
+
+    return _request(args, {"rewind": {"to_step": step}}, text=f"rewind to step {step}", check=check)
+
+
+# ----------------------------------------------------------------- local
+def cmd_report(args: argparse.Namespace, _: argparse.ArgumentParser) -> int:
+    from ops.report import write_report
+
+    code = write_report(args.log, args.out)
+    if code == EXIT_OK and _json(args):
+        _emit(args, {"out": args.out, "logs": list(args.log)}, "")
+    return code
+
+
+def cmd_completion(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import shtab
+
+    for action in _actions(parser):
+        if action.dest in FILE_FLAGS:
+            action.complete = shtab.FILE  # type: ignore[attr-defined]  # shtab's hook
+    script = shtab.complete(parser, shell=args.shell)
+    _emit(args, {"shell": args.shell, "script": script}, script)
     return EXIT_OK
 
 
-_COMMANDS = {
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every action of ``parser`` and of its commands."""
+    found = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _actions(sub)
+    return found
+
+
+_LOCAL: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], int]] = {
+    "report": cmd_report,
+    "completion": cmd_completion,
+}
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "events": cmd_events,
     "checkpoints": cmd_checkpoints,
@@ -415,16 +498,6 @@ _COMMANDS = {
     "rewind": cmd_rewind,
     "audit": cmd_audit,
 }
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in header], *[["" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

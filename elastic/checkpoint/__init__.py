@@ -10,9 +10,13 @@ streams that compute and check them), ``signing`` (the key, the manifest's HMAC)
 (rank-0-decides broadcasts), ``manager`` (save/load/retire), ``staging`` (async-save CPU
 copies, reused), ``app_state`` (model + optimizer state helpers), ``priority`` (niceness of
 async-save threads), ``errors``.
+
+Importing the package does not import torch: ``CheckpointManager`` and the app-state helpers
+load on first use, so configuration, manifests and storage stay light (``elasticctl``).
 """
 
-from elastic.checkpoint.app_state import app_state, restore_app_state
+from typing import TYPE_CHECKING, Any
+
 from elastic.checkpoint.config import CheckpointConfig
 from elastic.checkpoint.errors import (
     CheckpointCorrupt,
@@ -24,9 +28,28 @@ from elastic.checkpoint.errors import (
     StorageError,
     TemporaryStorageError,
 )
-from elastic.checkpoint.manager import CheckpointManager
 from elastic.checkpoint.manifest import Manifest
 from elastic.checkpoint.storage import Storage
+
+if TYPE_CHECKING:
+    from elastic.checkpoint.app_state import app_state, restore_app_state
+    from elastic.checkpoint.manager import CheckpointManager
+
+_LAZY = {
+    "CheckpointManager": "elastic.checkpoint.manager",
+    "app_state": "elastic.checkpoint.app_state",
+    "restore_app_state": "elastic.checkpoint.app_state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-bound names, imported on first use (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "CheckpointConfig",

@@ -49,6 +49,7 @@ from elastic.checkpoint.integrity import (
     verified_chunks,
 )
 from elastic.checkpoint.priority import BackgroundPriority
+from elastic.checkpoint.storage import relative_to
 from elastic.checkpoint.streamed import (
     STREAM_MIN_BYTES,
     Destination,
@@ -58,18 +59,6 @@ from elastic.checkpoint.streamed import (
 from elastic.checkpoint.writeback import WritebackFile
 
 __all__ = ["READ_THREADS", "WRITE_THREADS", "CheckpointReader", "CheckpointWriter", "relative_to"]
-
-
-def relative_to(path: str, base: str) -> str:
-    """``path`` relative to ``base`` (both URLs or paths); ``""`` when it is not below it."""
-    path, base = path.rstrip("/"), base.rstrip("/")
-    if path.startswith(base + "/"):
-        return path[len(base) + 1 :]
-    # Some backends drop a leading "/" (memory) or add one; compare without it.
-    stripped_path, stripped_base = path.lstrip("/"), base.lstrip("/")
-    if stripped_path.startswith(stripped_base + "/"):
-        return stripped_path[len(stripped_base) + 1 :]
-    return ""
 
 
 WRITE_THREADS = 2

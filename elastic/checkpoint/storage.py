@@ -25,16 +25,31 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from elastic.checkpoint.dcp_io import WRITE_THREADS, CheckpointReader, CheckpointWriter, relative_to
 from elastic.checkpoint.errors import CheckpointNotFound, storage_error
 from elastic.checkpoint.integrity import DIGEST_CHUNK_BYTES, WrittenFile, hash_stream
 from elastic.checkpoint.priority import BackgroundPriority
 from elastic.files import replace_file
+
+if TYPE_CHECKING:  # torch-bound: imported where a writer or reader is made
+    from elastic.checkpoint.dcp_io import CheckpointReader, CheckpointWriter
+
+
+def relative_to(path: str, base: str) -> str:
+    """``path`` relative to ``base`` (both URLs or paths); ``""`` when it is not below it."""
+    path, base = path.rstrip("/"), base.rstrip("/")
+    if path.startswith(base + "/"):
+        return path[len(base) + 1 :]
+    # Some backends drop a leading "/" (memory) or add one; compare without it.
+    stripped_path, stripped_base = path.lstrip("/"), base.lstrip("/")
+    if stripped_path.startswith(stripped_base + "/"):
+        return stripped_path[len(stripped_base) + 1 :]
+    return ""
+
 
 __all__ = ["Storage"]
 
@@ -141,6 +156,8 @@ class Storage:
     def writer(self, rel_dir: str, *, background_nice: int = 0) -> CheckpointWriter:
         """A DCP storage writer for the checkpoint directory ``rel_dir``; threads other than
         the caller's that use it (an async save's) run at niceness ``background_nice``."""
+        from elastic.checkpoint.dcp_io import WRITE_THREADS, CheckpointWriter
+
         url = self.join(rel_dir)
         with self._wrapped(f"open writer {url}", reading=False):
             # fsync only means something on local disk; elsewhere DCP would fall back to a
@@ -169,6 +186,8 @@ class Storage:
         each ``chunk_bytes`` chunk, format 3: streamed, a chunk at a time) or ``blake3`` (name
         -> hex, format 2: read whole first; a file with neither, from a format-1 manifest, is
         checked by size only)."""
+        from elastic.checkpoint.dcp_io import CheckpointReader
+
         url = self.join(rel_dir)
         with self._wrapped(f"open reader {url}"):
             return CheckpointReader(

@@ -1,29 +1,26 @@
-"""Errors of ``elastic.rendezvous``: one root, subclasses of torch's rendezvous errors.
+"""Errors of ``elastic.rendezvous``: one root, ``temporary`` says whether a retry may help.
 
-Callers that only know torch (torchrun's agent through ``EtcdRendezvousHandler``) catch
-``RendezvousConnectionError`` / ``RendezvousStateError``; the daemon reads ``temporary`` to
-decide between retrying and giving up. Messages name the etcd endpoint(s) and the cause.
+The daemon reads ``temporary`` to decide between retrying and giving up. Messages name the etcd
+endpoint(s) and the cause. No torch here: the etcd client, the run store and ``elasticctl``
+import this module, and a CLI that only reads etcd must not pay for importing torch. Callers
+that only know torch (torchrun's agent) meet these errors only through
+``EtcdRendezvousHandler``, whose methods re-class them as torch's rendezvous errors too
+(:mod:`elastic.rendezvous.torch_errors`): an ``EtcdUnavailableError`` raised there is also a
+``RendezvousConnectionError``.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from torch.distributed.elastic.rendezvous.api import (
-    RendezvousConnectionError,
-    RendezvousError,
-    RendezvousStateError,
-    RendezvousTimeoutError,
-)
 
-
-class EtcdRendezvousError(RendezvousError):
+class EtcdRendezvousError(Exception):
     """Root of every error raised by this package."""
 
     temporary: ClassVar[bool] = False
 
 
-class EtcdConnectionError(EtcdRendezvousError, RendezvousConnectionError):
+class EtcdConnectionError(EtcdRendezvousError):
     """etcd could not be reached or refused us; ``endpoint`` is what was tried."""
 
     def __init__(self, message: str, *, endpoint: str) -> None:
@@ -55,7 +52,7 @@ class EtcdRequestError(EtcdRendezvousError):
     """etcd answered with an error that is neither connectivity nor auth (a bug or a limit)."""
 
 
-class EtcdStateError(EtcdRendezvousError, RendezvousStateError):
+class EtcdStateError(EtcdRendezvousError):
     """A value read from etcd is corrupt (not the JSON or state bytes we wrote)."""
 
 
@@ -73,7 +70,7 @@ class NodeIdTaken(EtcdRendezvousError):
         self.node_id = node_id
 
 
-class RoundTimeout(EtcdRendezvousError, RendezvousTimeoutError):
+class RoundTimeout(EtcdRendezvousError):
     """No round with this node in it formed within the join timeout; retrying later may work."""
 
     temporary: ClassVar[bool] = True

@@ -60,6 +60,7 @@ from elastic.rendezvous.nodes import NodeLease
 from elastic.rendezvous.records import NAME_MAX_CHARS, encode
 from elastic.rendezvous.rounds import JoinSettings, RoundJoiner
 from elastic.rendezvous.store import EtcdStore
+from elastic.rendezvous.torch_errors import torch_errors
 from elastic.rendezvous.view import GroupView, Snapshot
 from elastic.rendezvous.watching import PrefixWatch
 
@@ -197,6 +198,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
         return self._keys.run_id
 
     def next_rendezvous(self) -> RendezvousInfo:
+        with torch_errors():
+            return self._next_rendezvous()
+
+    def _next_rendezvous(self) -> RendezvousInfo:
         if self._closed.is_set() or self._released:
             raise RendezvousClosedError(f"rendezvous {self._keys.run_id} is closed")
         started = time.monotonic()
@@ -235,7 +240,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def set_closed(self) -> None:
         value = encode({"closed_by": self.name})
         key = self._closed.key
-        self._store_lease.write(lambda lease_id: self._kv.put(key, value, lease_id=lease_id))
+        with torch_errors():
+            self._store_lease.write(lambda lease_id: self._kv.put(key, value, lease_id=lease_id))
         self._closed.set_locally()
 
     def shutdown(self) -> bool:
@@ -319,6 +325,35 @@ def create_handler(
             f"join_timeout_seconds {join_timeout_seconds} must be > 0 and "
             f"last_call_timeout_seconds {last_call_timeout_seconds} >= 0"
         )
+    with torch_errors():
+        return _create_handler(
+            etcd,
+            run_id=run_id,
+            key_prefix=key_prefix,
+            local_addr=local_addr,
+            node_name=node_name,
+            settings=JoinSettings(
+                min_nodes=min_nodes,
+                max_nodes=max_nodes,
+                last_call_seconds=last_call_timeout_seconds,
+                timeout_seconds=join_timeout_seconds,
+            ),
+            ttl_seconds=ttl_seconds,
+            state_ttl_seconds=state_ttl_seconds,
+        )
+
+
+def _create_handler(
+    etcd: EtcdConfig | KeyValueClient,
+    *,
+    run_id: str,
+    key_prefix: str | None,
+    local_addr: str | None,
+    node_name: str | None,
+    settings: JoinSettings,
+    ttl_seconds: float | None,
+    state_ttl_seconds: float | None,
+) -> EtcdRendezvousHandler:
     kv: KeyValueClient
     if isinstance(etcd, EtcdConfig):
         config, kv, owns = etcd, connect(etcd), True
@@ -328,12 +363,7 @@ def create_handler(
         handler = EtcdRendezvousHandler(
             kv,
             keys=RunKeys(key_prefix or config.key_prefix, run_id),
-            settings=JoinSettings(
-                min_nodes=min_nodes,
-                max_nodes=max_nodes,
-                last_call_seconds=last_call_timeout_seconds,
-                timeout_seconds=join_timeout_seconds,
-            ),
+            settings=settings,
             addr=local_addr or socket.getfqdn(),
             node_ttl_seconds=ttl_seconds if ttl_seconds is not None else config.ttl_seconds,
             state_ttl_seconds=(

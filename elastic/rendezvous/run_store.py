@@ -1,7 +1,8 @@
 """``RunStore``: a run's status, control requests and bounded event log in etcd (JSON values).
 
-The daemon writes status and events and executes control requests; ``elasticctl`` reads status
-and events and writes control requests. Keys are in ``keys.RunKeys``.
+The daemon writes status and events and executes control requests; ``elasticctl`` reads status,
+node records, the latest round record and events, and writes control requests. Keys are in
+``keys.RunKeys``.
 
 Control document (``get_control()``), every key optional::
 
@@ -112,6 +113,11 @@ class RunStore:
                 continue
         return out
 
+    def latest_round(self) -> records.RoundRecord | None:
+        """The group's latest round record (``group/round``), open or closed; one read."""
+        kv = self._kv.get(self._keys.round)
+        return None if kv is None else records.decode_round(kv.key, kv.value)
+
     # -- control -----------------------------------------------------------------------------
 
     def get_control(self) -> dict[str, Any]:
@@ -179,6 +185,11 @@ class RunStore:
             if self._kv.commit(counter, expected_mod_revision=expected, ops=ops).succeeded:
                 return seq
         raise EtcdRequestError(f"{counter}: {_MAX_CAS_ATTEMPTS} concurrent appends in a row")
+
+    def last_event_seq(self) -> int:
+        """The seq of the newest event (0: none yet); one read of the counter."""
+        kv = self._kv.get(self._keys.event_seq)
+        return 0 if kv is None else int(kv.value)
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` events, oldest first."""

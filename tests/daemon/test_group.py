@@ -297,3 +297,20 @@ def test_events_leave_the_callers_thread_at_once_and_reach_etcd_in_order(
         timeout_seconds=WAIT_SECONDS,
         what="the five events, in order",
     )
+
+
+def test_the_step_lines_numbers_go_to_the_run_status_not_the_node_record(
+    groups: GroupFactory,
+) -> None:
+    a = groups("a")
+    join_all([a])
+    active(a, 1)
+    train = {"loss": 2.5, "tokens_per_s": 1200.0, "step": 7, "time_unix": 1.0}
+    a.publish_node_status({"node": "a", "state": "running", "last_step": 7, "train": train})
+    wait_for(
+        lambda: (a.store.get_status() or {}).get("train") == train,
+        timeout_seconds=WAIT_SECONDS,
+        what="the run status with the step line's numbers",
+    )
+    assert a.view.snapshot.nodes["a"]["state"] == "active"
+    assert "train" not in a.view.snapshot.nodes["a"]  # every node watches the records

@@ -42,6 +42,24 @@ def beat(step: int, phase: Phase) -> Heartbeat:
     return Heartbeat(local_rank=0, step=step, phase=phase, time_unix=0.0, pid=1)
 
 
+def test_the_newest_step_lines_loss_throughput_and_total_go_into_the_status() -> None:
+    sup = supervisor()
+    assert "train" not in sup.status()  # no step line yet: nothing is shown, nothing made up
+    line = {"event": "step", "step": 12, "loss": 3.25, "tokens_per_s": 900.5, "lr": 0.1}
+    sup._on_worker_line(0, {**line, "step_seconds": 0.5, "total_steps": 100, "grad_norm": 1.0})
+    assert sup.status()["train"] == {
+        "step": 12,
+        "loss": 3.25,
+        "tokens_per_s": 900.5,
+        "step_seconds": 0.5,
+        "total_steps": 100,
+        "time_unix": sup.status()["train"]["time_unix"],
+    }
+    sup._on_worker_line(0, {**line, "step": 13, "loss": None, "tokens_per_s": None})
+    assert set(sup.status()["train"]) == {"step", "time_unix"}  # a loop that reports neither
+    assert sup.last_step == 13
+
+
 def test_progress_without_heartbeats_counts_as_training_only_after_the_blind_period() -> None:
     progress = _Progress(100.0)
     progress.update({}, 150.0)

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def ctl(endpoint: str, run_id: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return elasticctl("--etcd", endpoint, "--run-id", run_id, *args)
+    # Longer than any --timeout below: a --wait that times out says so itself.
+    return elasticctl("--etcd", endpoint, "--run-id", run_id, *args, timeout_seconds=180)
 
 
 def test_elasticctl_reads_and_steers_a_running_group(
@@ -52,6 +53,13 @@ def test_elasticctl_reads_and_steers_a_running_group(
         body = json.loads(status.stdout)
         assert body["state"] == "running" and body["world_size"] == 2
         assert "state" in ctl(ep, run, "status").stdout  # the readable table
+        # Rank 0 refreshes the run status at most every 30 s: the step line's numbers follow.
+        train = wait_for(
+            lambda: json.loads(ctl(ep, run, "status", "--json").stdout).get("train"),
+            timeout_seconds=90,
+            what="the step line's numbers in the run status",
+        )
+        assert isinstance(train["loss"], float) and train["step"] >= 1
 
         events = json.loads(ctl(ep, run, "events", "--json").stdout)
         assert any(e["event"] == "state" and e["state"] == "running" for e in events)
@@ -63,29 +71,36 @@ def test_elasticctl_reads_and_steers_a_running_group(
         assert any(c["known_good"] for c in listed)
         target = max(c["step"] for c in listed if c["known_good"])
 
-        assert ctl(ep, run, "pause").returncode == 0
-        wait_for(
+        # --wait returns once the group says it applied the request (the event log / round).
+        paused = ctl(ep, run, "pause", "--wait", "--timeout", "60")
+        assert paused.returncode == 0, paused.stderr
+        assert paused.stdout.startswith("pause applied: paused at step")
+        wait_for(  # the relay writes the daemon's log and the event log independently
             lambda: [r for d in group for r in d.events("paused")],
             timeout_seconds=30,
-            what="paused",
+            what="paused in the daemons' logs",
         )
         held = max(r["step"] for r in merged_steps(*group))
         time.sleep(3)  # a pause must hold: no step may complete in this window
         assert max(r["step"] for r in merged_steps(*group)) == held
-        assert ctl(ep, run, "resume").returncode == 0
+        resumed = ctl(ep, run, "resume", "--wait", "--timeout", "60")
+        assert resumed.returncode == 0, resumed.stderr
         wait_step(group, held + 3, timeout_seconds=60)
 
-        assert ctl(ep, run, "rewind", "--to-step", str(target)).returncode == 0
+        rewound = ctl(ep, run, "rewind", "--to-step", str(target), "--wait", "--timeout", "90")
+        assert rewound.returncode == 0, rewound.stderr
+        assert f"rewound to step {target}" in rewound.stdout
         rewind = wait_for(
             lambda: [r for d in group for r in d.events("rewind")],
-            timeout_seconds=60,
-            what="rewind",
+            timeout_seconds=30,
+            what="rewind in the daemons' logs",
         )[0]
         assert rewind["to_step"] == target
 
-        scale_at = time.time()
-        assert ctl(ep, run, "scale", "--min", "1", "--max", "1").returncode == 0
-        wait_world_size(group, 1, timeout_seconds=120, after_ts=scale_at)
+        scaled = ctl(ep, run, "scale", "--min", "1", "--max", "1", "--wait", "--timeout", "120")
+        assert scaled.returncode == 0, scaled.stderr
+        assert "formed with 1 node(s)" in scaled.stdout
+        assert json.loads(ctl(ep, run, "status", "--json").stdout)["max_nodes"] == 1
 
     png = tmp_path / "report.png"
     report = ctl(ep, run, "report", "--log", *[str(d.log) for d in group], "--out", str(png))

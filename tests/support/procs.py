@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def elasticctl(
-    *args: str, env: Mapping[str, str] | None = None
+    *args: str, env: Mapping[str, str] | None = None, timeout_seconds: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """Run ``elasticctl`` (``python -m ops.cli``) from the repository root, bounded in time."""
     return subprocess.run(
@@ -31,7 +31,7 @@ def elasticctl(
         env=base_env(env),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout_seconds,
         check=False,
     )
 

@@ -138,12 +138,14 @@ def test_a_value_that_is_not_a_versioned_json_object_is_refused_naming_the_key(
     assert problem in assert_one_line_error(excinfo, key)
 
 
-def test_record_errors_are_state_errors_that_torch_callers_catch() -> None:
+def test_record_errors_are_state_errors_that_torch_callers_catch_through_the_handler() -> None:
     from torch.distributed.elastic.rendezvous.api import RendezvousStateError
 
-    with pytest.raises(RendezvousStateError):
+    from elastic.rendezvous.torch_errors import torch_errors
+
+    with pytest.raises(RendezvousStateError) as raised, torch_errors():
         decode_round(ROUND_KEY, b"garbage")
-    assert issubclass(RecordError, EtcdStateError)
+    assert isinstance(raised.value, RecordError) and issubclass(RecordError, EtcdStateError)
 
 
 BAD_ROUNDS = [

@@ -105,3 +105,22 @@ def test_event_log_keeps_the_newest_entries(kv_factory: KvFactory, run_id: str) 
     assert [e["round"] for e in events] == [4, 5, 6, 7, 8]
     assert events[-1] == {"event": "round", "round": 8, "seq": 8, "ts": 7.0}
     assert [e["seq"] for e in store.events(limit=2)] == [7, 8]
+
+
+def test_last_event_seq_is_the_newest_events_seq(kv_factory: KvFactory, run_id: str) -> None:
+    store = RunStore(kv_factory(), run_id=run_id, max_events=2)
+    assert store.last_event_seq() == 0
+    for _ in range(3):
+        seq = store.append_event({"event": "x"})
+    assert store.last_event_seq() == seq == 3
+
+
+def test_latest_round_reads_the_groups_round_record(kv_factory: KvFactory, run_id: str) -> None:
+    from elastic.rendezvous.records import RoundRecord
+
+    kv = kv_factory()
+    store = RunStore(kv, run_id=run_id)
+    assert store.latest_round() is None
+    record = RoundRecord(3, "closed", "a", 1, 2, ("a", "b"), "10.0.0.1", 29500)
+    kv.put(store.keys.round, record.to_bytes())
+    assert store.latest_round() == record
