@@ -53,7 +53,6 @@ from elastic.config import (
 )
 from elastic.faults import FaultConfig, require_permission
 from elastic.files import replace_file
-from elastic.guard import validate_retention
 from elastic.guard.config import GuardConfig, RewindConfig
 from elastic.protocol import Env
 from elastic.rendezvous import EtcdConfig
@@ -272,18 +271,9 @@ def check_document(
     document: Mapping[str, Any], *, environ: Mapping[str, str], workload: bool = True
 ) -> DaemonConfig:
     """The typed config of ``document``, or ConfigError: every section, fault permission, the
-    retention, the worker command, and (``workload`` and the bundled trainer) the workload."""
+    worker command, and (``workload`` and the bundled trainer) the workload."""
     config = build(DaemonConfig, document)
     require_permission(config.faults, environ)
-    try:
-        validate_retention(
-            interval_steps=config.checkpoint.interval_steps,
-            keep_last=config.checkpoint.keep_last,
-            rewind=config.rewind,
-            guard=config.guard,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
     check_command(config.worker, environ=environ)
     if workload:
         _check_workload_of(config, document, environ=environ)

@@ -30,7 +30,9 @@ class CheckpointConfig:
     interval_steps: int = 50
     """Commit a checkpoint every this many optimizer steps (> 0)."""
     keep_last: int = 4
-    """Committed checkpoints kept by retention (>= 2; the newest known-good is kept on top)."""
+    """Newest committed checkpoints kept by retention (>= 1). On top, retention keeps every
+    checkpoint a divergence rewind may still load (docs/checkpoints.md), so any value works
+    with any ``interval_steps``."""
     async_save: bool = field(default=False, metadata={"key": "async"})
     """Write in the background (DCP async_save); the manifest lands when the write completes."""
     background_nice: int = 19
@@ -47,7 +49,7 @@ class CheckpointConfig:
         problem = storage_protocol_problem(self.url)
         check(problem is None, "url", self.url, problem or "")
         check(self.interval_steps > 0, "interval_steps", self.interval_steps, "must be > 0")
-        check(self.keep_last >= 2, "keep_last", self.keep_last, "must be >= 2")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
         check(
             0 <= self.background_nice <= 19,
             "background_nice",

@@ -68,7 +68,7 @@ from elastic.checkpoint.errors import (
 )
 from elastic.checkpoint.integrity import DIGEST_CHUNK_BYTES, WrittenFile
 from elastic.checkpoint.manifest import Manifest
-from elastic.checkpoint.retention import plan_retention
+from elastic.checkpoint.retention import RewindHorizon, plan_retention
 from elastic.checkpoint.staging import ReusingStager
 from elastic.checkpoint.storage import Storage
 
@@ -97,7 +97,11 @@ class CheckpointManager:
         world_size: int,
         process_group: Any = None,
         clock: Callable[[], float] = time.time,
+        rewind_horizon: RewindHorizon | None = None,
     ) -> None:
+        """``rewind_horizon``: what a divergence guard may still rewind to, so retention never
+        deletes it (the worker API passes it); ``None``: ``keep_last`` plus the newest
+        known-good checkpoint."""
         if not run_id or "/" in run_id or run_id.strip(".") == "":
             raise ValueError(f"run_id={run_id!r}: must be a non-empty name without '/'")
         self.config = config
@@ -106,6 +110,7 @@ class CheckpointManager:
         self._storage = Storage(config.url, storage_options=config.storage_options)
         self._signing_key = config.signing_key
         self._clock = clock
+        self._rewind_horizon = rewind_horizon
         self._log = jsonlog.get("checkpoint")
         # Rank 0 mutates manifests from the main thread and from the async commit thread.
         self._meta_lock = threading.Lock()
@@ -603,7 +608,9 @@ class CheckpointManager:
         """Apply retention after a commit (caller holds the lock); errors delete nothing."""
         try:
             committed, torn, _ = self._scan()
-            plan = plan_retention(committed, torn, keep_last=self.config.keep_last)
+            plan = plan_retention(
+                committed, torn, keep_last=self.config.keep_last, horizon=self._rewind_horizon
+            )
             for step in plan.delete_committed:
                 # Manifest first: from that moment the checkpoint is invisible, never half-there.
                 self._storage.remove(f"{self._rel(step)}/{MANIFEST}")

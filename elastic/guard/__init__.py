@@ -8,8 +8,8 @@ computes the same verdict from the same all-reduced inputs. See docs/guard.md.
 from elastic.guard.config import (
     GuardConfig,
     RewindConfig,
-    required_history_steps,
-    validate_retention,
+    promotion_horizon_steps,
+    rewind_lookback_steps,
 )
 from elastic.guard.errors import GuardError, GuardStateError, GuardStateInvalid
 from elastic.guard.planning import promotable
@@ -39,6 +39,6 @@ __all__ = [
     "RewindPlan",
     "Verdict",
     "promotable",
-    "required_history_steps",
-    "validate_retention",
+    "promotion_horizon_steps",
+    "rewind_lookback_steps",
 ]

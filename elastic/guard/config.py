@@ -1,10 +1,11 @@
 """Configuration of the divergence guard: YAML sections ``guard`` and ``rewind``.
 
 ``GuardConfig`` says what counts as an anomaly and when anomalies escalate to a rewind;
-``RewindConfig`` says where a rewind goes and how often one is allowed. ``validate_retention``
-checks that the checkpoint schedule can always serve a rewind (see docs/guard.md for the
-derivation). Defaults follow published practice: OLMo-core's 6-sigma spike rule over a 128-step
-window that is silent for the first 64 steps; PaLM's "restart ~100 steps before the spike".
+``RewindConfig`` says where a rewind goes and how often one is allowed.
+``rewind_lookback_steps`` and ``promotion_horizon_steps`` tell checkpoint retention which
+checkpoints a rewind may still need, so any ``keep_last`` works (docs/checkpoints.md).
+Defaults follow published practice: OLMo-core's 6-sigma spike rule over a 128-step window that
+is silent for the first 64 steps; PaLM's "restart ~100 steps before the spike".
 """
 
 from __future__ import annotations
@@ -152,46 +153,24 @@ def _check_positive_float(key: str, value: float) -> None:
     check(math.isfinite(value) and value > 0, key, value, "must be a finite number > 0")
 
 
-def required_history_steps(*, rewind: RewindConfig, guard: GuardConfig) -> int:
-    """Steps of checkpoint history a rewind may need behind the trigger, beyond one interval.
+def rewind_lookback_steps(*, rewind: RewindConfig, guard: GuardConfig) -> int | None:
+    """How far behind the newest checkpoint the far limit of a future rewind may lie.
 
-    The target must be ``min_steps_back`` steps before the onset and already promoted when the
-    onset happens (``good_after_steps`` steps before the step preceding it); the onset lies at
-    most ``guard.max_onset_lag_steps`` before the trigger.
+    A rewind's target is the newest known-good checkpoint at or below ``onset -
+    min_steps_back``, and an onset lies at most ``guard.max_onset_lag_steps`` before its
+    trigger, which comes after the newest checkpoint. ``None`` when the guard never rewinds.
+    Checkpoint retention keeps every target this allows (docs/checkpoints.md).
     """
-    return max(rewind.min_steps_back, rewind.good_after_steps + 1) + guard.max_onset_lag_steps
-
-
-def validate_retention(
-    *,
-    interval_steps: int,
-    keep_last: int,
-    rewind: RewindConfig,
-    guard: GuardConfig | None = None,
-) -> None:
-    """Raise ``ValueError`` naming the keys unless retention always keeps a rewind target.
-
-    Holds when ``(keep_last - 1) * interval_steps >= max(min_steps_back, good_after_steps + 1) +
-    max_onset_lag_steps`` (derivation in docs/guard.md), assuming a checkpoint at every multiple
-    of ``interval_steps``, the newest ``keep_last`` kept, and ``promotions()`` asked every step.
-    """
-    guard = GuardConfig() if guard is None else guard
-    check(interval_steps >= 1, "checkpoint.interval_steps", interval_steps, "must be >= 1")
-    check(keep_last >= 1, "checkpoint.keep_last", keep_last, "must be >= 1")
     if not (guard.enabled and rewind.enabled):
-        return
-    needed = required_history_steps(rewind=rewind, guard=guard)
-    have = (keep_last - 1) * interval_steps
-    if have >= needed:
-        return
-    min_keep = 1 + -(-needed // interval_steps)
-    raise ValueError(
-        f"checkpoint.keep_last={keep_last}, checkpoint.interval_steps={interval_steps}: "
-        f"(keep_last - 1) * interval_steps = {have} must be >= "
-        f"max(rewind.min_steps_back={rewind.min_steps_back}, "
-        f"rewind.good_after_steps={rewind.good_after_steps} + 1) + {guard.max_onset_lag_steps} "
-        "(onset lag: max(guard.skip_window_steps, guard.nonfinite_window_steps, "
-        f"guard.sustained_steps) - 1) = {needed}, or no known-good checkpoint is left to rewind "
-        f"to; raise checkpoint.keep_last to >= {min_keep}, lower checkpoint.interval_steps, "
-        "or lower rewind.min_steps_back"
-    )
+        return None
+    return rewind.min_steps_back + guard.max_onset_lag_steps
+
+
+def promotion_horizon_steps(*, rewind: RewindConfig, guard: GuardConfig) -> int:
+    """Steps after which a checkpoint not yet known-good never will be on this timeline.
+
+    ``promotions()`` marks it ``good_after_steps`` after its step unless an anomaly came after
+    it; an anomaly that keeps an episode open lies within ``episode_window_steps`` of the
+    current step. The +1: the trainer asks for promotions after it saves a step's checkpoint.
+    """
+    return max(rewind.good_after_steps, guard.episode_window_steps) + 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elastic.checkpoint.manifest import Manifest
+from elastic.checkpoint.retention import RewindHorizon
 from elastic.checkpoint.storage import Storage
 from elastic.guard import (
     Action,
@@ -29,6 +30,8 @@ from elastic.guard import (
     RewindConfig,
     RewindPlan,
     Verdict,
+    promotion_horizon_steps,
+    rewind_lookback_steps,
 )
 from elastic.worker.ledger import DataLedger, RunLedger
 
@@ -52,6 +55,15 @@ class RunFiles:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.storage.write_bytes(f"{self.run_id}/{rel}", data)
+
+
+def rewind_horizon(guard: GuardConfig, rewind: RewindConfig) -> RewindHorizon:
+    """What checkpoint retention must keep for this guard: every checkpoint it may still
+    rewind to or promote to known-good (the manager never deletes those)."""
+    return RewindHorizon(
+        target_lookback_steps=rewind_lookback_steps(rewind=rewind, guard=guard),
+        promotion_steps=promotion_horizon_steps(rewind=rewind, guard=guard),
+    )
 
 
 class Recovery:

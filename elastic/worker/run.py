@@ -47,7 +47,7 @@ from elastic.worker.dist import DistInfo, shutdown, sum_across_ranks
 from elastic.worker.drills import Drills
 from elastic.worker.hardware import peak_flops, peak_memory_bytes
 from elastic.worker.ledger import DataChain, sample_sums
-from elastic.worker.recovery import Recovery, RunFiles
+from elastic.worker.recovery import Recovery, RunFiles, rewind_horizon
 from elastic.worker.sampler import ElasticSampler
 from elastic.worker.state import TrackedState
 from elastic.worker.vote import AgreedStep, Number, StepVote
@@ -94,7 +94,11 @@ class Run:
         self.channel = channel
         self.log = jsonlog.get("train")
         self.ckpt = CheckpointManager(
-            config.checkpoint, run_id=config.run_id, rank=info.rank, world_size=info.world_size
+            config.checkpoint,
+            run_id=config.run_id,
+            rank=info.rank,
+            world_size=info.world_size,
+            rewind_horizon=rewind_horizon(config.guard, config.rewind),
         )
         files = RunFiles(self.ckpt.storage, config.run_id)
         self.recovery = Recovery(config.guard, config.rewind, files=files, is_main=info.is_main)

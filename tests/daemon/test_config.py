@@ -48,13 +48,19 @@ def test_faults_are_refused_without_the_allow_switch(tmp_path: Path) -> None:
         resolve(str(path), environ={})
 
 
-def test_retention_that_cannot_keep_a_rewind_target_is_rejected(tmp_path: Path) -> None:
-    doc = {
-        **minimal(tmp_path),
-        "checkpoint": {"url": str(tmp_path), "interval_steps": 10, "keep_last": 2},
-    }
+def test_keep_last_one_is_accepted_with_the_default_rewind(tmp_path: Path) -> None:
+    # interval 10 needed keep_last >= 16 under the retired formula; retention now keeps
+    # whatever a rewind may need on top of keep_last.
+    checkpoint = {"url": str(tmp_path), "interval_steps": 10, "keep_last": 1}
+    path = write_config(tmp_path / "job.yaml", {**minimal(tmp_path), "checkpoint": checkpoint})
+    config, _ = resolve(str(path), environ=base_env())
+    assert config.checkpoint.keep_last == 1 and config.rewind.enabled
+
+
+def test_keep_last_zero_is_rejected_naming_the_key(tmp_path: Path) -> None:
+    doc = {**minimal(tmp_path), "checkpoint": {"url": str(tmp_path), "keep_last": 0}}
     path = write_config(tmp_path / "job.yaml", doc)
-    with pytest.raises(ConfigError, match="keep_last"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last=0: must be >= 1"):
         resolve(str(path), environ={})
 
 
@@ -130,7 +136,7 @@ def test_world_sizes_of_the_node_range_that_leave_a_rank_without_a_sample_are_ex
 
 def test_the_all_defaults_document_is_valid() -> None:
     config, _ = resolve(None, environ={})
-    assert config.checkpoint.keep_last >= 2 and config.nodes.min == 1
+    assert config.checkpoint.keep_last >= 1 and config.nodes.min == 1
 
 
 def _write_resolved_repeatedly(path: str, times: int) -> None:

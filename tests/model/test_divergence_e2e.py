@@ -35,11 +35,11 @@ RUN_ID = "div"
 FAULTS_ENV = {"ELASTICD_ALLOW_FAULTS": "1"}
 EXIT_DIVERGED = 3
 
-# The post-LN rewind scenario. Checkpoints every 100 steps, 3 kept: (3 - 1) * 100 >= 100 + 49,
-# so elastic.guard.validate_retention accepts it. The spike multiplies the lr of steps 210..219
-# by 100: the loss of step 211 jumps from ~2.9 to ~5 (near uniform over 257 bytes); on the third
-# skipped step (213) the guard rewinds to step 100 (known-good since step 150), 111 steps before
-# the onset.
+# The post-LN rewind scenario. Checkpoints every 100 steps, 3 kept (retention keeps the rewind
+# target on top anyway: docs/checkpoints.md#retention). The spike multiplies the lr of steps
+# 210..219 by 100: the loss of step 211 jumps from ~2.9 to ~5 (near uniform over 257 bytes); on
+# the third skipped step (213) the guard rewinds to step 100 (known-good since step 150), 111
+# steps before the onset.
 SPIKE_STEP = 210
 SPIKE = {"kind": "lr_spike", "step": SPIKE_STEP, "factor": 100.0, "duration_steps": 10}
 SPIKE_RUN_STEPS = 350
@@ -285,8 +285,7 @@ def test_divergence_that_returns_after_every_rewind_ends_diverged(
     tmp_path: Path, demo_corpus: Path
 ) -> None:
     # A permanent blow-up: the spike re-fires whenever step 100 is reached (times: 0). Short
-    # distances keep it cheap: checkpoints every 20 steps, known-good after 10 healthy steps,
-    # (4 - 1) * 20 >= max(10, 10 + 1) + 49 (validate_retention).
+    # distances keep it cheap: checkpoints every 20 steps, known-good after 10 healthy steps.
     doc = job(
         tmp_path,
         demo_corpus,

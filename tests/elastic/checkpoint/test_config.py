@@ -12,7 +12,7 @@ from elastic.config import ConfigError, build, to_dict
 def test_defaults_are_valid() -> None:
     config = CheckpointConfig()
     assert config.interval_steps == 50
-    assert config.keep_last == 4  # the smallest that satisfies the rewind retention rule
+    assert config.keep_last == 4
     assert config.async_save is False
     assert config.storage_options == {}
     assert config.background_nice == 19
@@ -42,8 +42,13 @@ def test_zero_interval_is_rejected_with_key_and_value() -> None:
 
 
 def test_builder_prefixes_the_section() -> None:
-    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last=1: must be >= 2"):
-        build(CheckpointConfig, {"keep_last": 1}, path="checkpoint.")
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last=0: must be >= 1"):
+        build(CheckpointConfig, {"keep_last": 0}, path="checkpoint.")
+
+
+def test_keep_last_one_is_valid_with_any_interval() -> None:
+    for interval in (1, 10, 1000):
+        assert CheckpointConfig(keep_last=1, interval_steps=interval).keep_last == 1
 
 
 def test_unknown_key_is_an_error() -> None:

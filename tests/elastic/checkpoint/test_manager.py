@@ -22,12 +22,15 @@ from elastic.checkpoint import (
     StagedStateChanged,
     StorageError,
 )
+from elastic.guard import Action, CheckpointInfo, Guard, GuardConfig, RewindConfig, RewindPlan
+from elastic.worker.recovery import rewind_horizon
 from tests.elastic.checkpoint.conftest import (
     Backend,
     assert_states_equal,
     blank_like,
     toy_state,
 )
+from tests.elastic.guard.curves import healthy_curve
 
 GATE_TIMEOUT_SECONDS = 30.0
 
@@ -462,3 +465,44 @@ def test_promoting_an_older_checkpoint_does_not_wait_for_the_save_in_flight(
     assert not newest.is_alive()
     assert {m.step: m.known_good for m in manager.list()} == {1: True, 2: True}
     manager.close()
+
+
+def test_keep_last_one_keeps_the_rewind_target_and_a_rewind_loads_it(local: Backend) -> None:
+    """keep_last 1, a checkpoint every 10 steps, the guard promoting and then rewinding past
+    several checkpoints: its target is still on disk and loads; the old history is gone."""
+    guard_config, rewind_config = GuardConfig(), RewindConfig()  # min_steps_back 100
+    manager = CheckpointManager(
+        local.config(keep_last=1, interval_steps=10),
+        run_id="run",
+        rank=0,
+        world_size=1,
+        rewind_horizon=rewind_horizon(guard_config, rewind_config),
+    )
+    guard = Guard(guard_config, rewind_config)
+    committed: dict[int, bool] = {}  # what the trainer's Recovery knows, deleted steps included
+    for p in healthy_curve(seed=3, num_steps=400, start_step=1):
+        assert guard.observe(p.step, loss=p.loss, grad_norm=p.grad_norm, finite=True).action is (
+            Action.OK
+        )
+        if p.step % 10 == 0:
+            manager.save(p.step, toy_state(p.step), meta={})
+            committed[p.step] = False
+        infos = [CheckpointInfo(s, good) for s, good in sorted(committed.items())]
+        for step in guard.promotions(step=p.step, checkpoints=infos):
+            manager.mark_known_good(step)  # raises CheckpointNotFound had retention deleted it
+            committed[step] = True
+    for step in (401, 402):
+        verdict = guard.observe(step, loss=float("nan"), grad_norm=1.0, finite=False)
+    assert verdict.action is Action.REWIND and verdict.onset_step == 401
+    infos = [CheckpointInfo(s, good) for s, good in sorted(committed.items())]
+    plan = guard.plan_rewind(verdict, trigger_step=402, checkpoints=infos)
+    # The newest known-good at least 100 steps before the onset; 310..350 are known-good too.
+    assert isinstance(plan, RewindPlan) and plan.to_step == 300
+
+    kept = _steps(manager)
+    assert 300 in kept and kept[-1] == 400
+    assert 10 not in kept and len(kept) <= 3 + (100 + 49 + 51) // 10  # bounded by the horizon
+    manager.retire_after(plan.to_step)
+    got = blank_like(toy_state(0))
+    assert manager.load(got, step=plan.to_step).step == 300  # type: ignore[union-attr]
+    assert_states_equal(got, toy_state(300))

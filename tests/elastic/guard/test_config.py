@@ -1,14 +1,16 @@
-"""GuardConfig / RewindConfig validation and the retention condition."""
+"""GuardConfig / RewindConfig validation and the horizons checkpoint retention reads."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 
 from elastic.config import ConfigError, build
-from elastic.guard import GuardConfig, RewindConfig, validate_retention
-from elastic.guard.config import required_history_steps
+from elastic.guard import (
+    GuardConfig,
+    RewindConfig,
+    promotion_horizon_steps,
+    rewind_lookback_steps,
+)
 
 
 def test_defaults_follow_the_documented_values() -> None:
@@ -68,75 +70,19 @@ def test_yaml_values_build_the_sections() -> None:
     assert rewind.data == "skip" and rewind.lr_multiplier == 0.5
 
 
-def test_retention_accepts_a_schedule_that_keeps_a_target() -> None:
-    validate_retention(interval_steps=100, keep_last=3, rewind=RewindConfig())
+def test_rewind_lookback_is_min_steps_back_plus_the_onset_lag() -> None:
+    guard = GuardConfig(skip_window_steps=30, nonfinite_window_steps=40, sustained_steps=60)
+    rewind = RewindConfig(min_steps_back=100)
+    assert guard.max_onset_lag_steps == 59
+    assert rewind_lookback_steps(rewind=rewind, guard=guard) == 159
 
 
-def test_retention_error_names_the_keys() -> None:
-    with pytest.raises(ValueError) as info:
-        validate_retention(interval_steps=100, keep_last=2, rewind=RewindConfig())
-    text = str(info.value)
-    for key in (
-        "checkpoint.keep_last=2",
-        "checkpoint.interval_steps=100",
-        "rewind.min_steps_back=100",
-        "rewind.good_after_steps=50",
-        "guard.skip_window_steps",
-        "keep_last to >= 3",
-    ):
-        assert key in text
+def test_rewind_lookback_is_none_when_nothing_can_rewind() -> None:
+    assert rewind_lookback_steps(rewind=RewindConfig(enabled=False), guard=GuardConfig()) is None
+    assert rewind_lookback_steps(rewind=RewindConfig(), guard=GuardConfig(enabled=False)) is None
 
 
-def test_retention_checks_its_own_arguments() -> None:
-    with pytest.raises(ValueError, match=r"^checkpoint\.interval_steps=0"):
-        validate_retention(interval_steps=0, keep_last=3, rewind=RewindConfig())
-    with pytest.raises(ValueError, match=r"^checkpoint\.keep_last=0"):
-        validate_retention(interval_steps=100, keep_last=0, rewind=RewindConfig())
-
-
-def test_retention_is_free_when_rewinds_are_off() -> None:
-    validate_retention(interval_steps=100, keep_last=1, rewind=RewindConfig(enabled=False))
-    validate_retention(
-        interval_steps=100,
-        keep_last=1,
-        rewind=RewindConfig(),
-        guard=GuardConfig(enabled=False),
-    )
-
-
-def _always_has_target(*, interval: int, keep: int, back: int, good: int, lag: int) -> bool:
-    """Brute force over trigger steps T and onsets t in [T - lag, T].
-
-    Checkpoints at multiples of ``interval`` up to T, the newest ``keep`` kept; a checkpoint is
-    known-good when it was promoted before the onset (``t - 1 - c >= good``); eligible when
-    ``c <= t - back``.
-    """
-    start = 4 * (back + good + lag + interval)  # far from step 0: full history exists
-    for trigger in range(start, start + 2 * interval + 1):
-        newest = trigger // interval * interval
-        kept = range(newest - (keep - 1) * interval, newest + 1, interval)
-        for onset in range(trigger - lag, trigger + 1):
-            if not any(c <= onset - back and onset - 1 - c >= good for c in kept):
-                return False
-    return True
-
-
-def test_retention_condition_is_exact() -> None:
-    """validate_retention accepts exactly the schedules the brute force finds safe."""
-    for interval, keep, back, good, window in itertools.product(
-        (1, 7, 20), (1, 2, 3, 5), (0, 10, 25), (0, 5, 30), (1, 8)
-    ):
-        guard = GuardConfig(
-            skip_window_steps=window, nonfinite_window_steps=window, sustained_steps=window
-        )
-        rewind = RewindConfig(min_steps_back=back, good_after_steps=good)
-        try:
-            validate_retention(interval_steps=interval, keep_last=keep, rewind=rewind, guard=guard)
-            accepted = True
-        except ValueError:
-            accepted = False
-        safe = _always_has_target(
-            interval=interval, keep=keep, back=back, good=good, lag=guard.max_onset_lag_steps
-        )
-        assert accepted == safe, (interval, keep, back, good, window)
-        assert required_history_steps(rewind=rewind, guard=guard) >= back
+def test_promotion_horizon_covers_good_after_steps_and_the_episode_window() -> None:
+    guard = GuardConfig(skip_window_steps=50, nonfinite_window_steps=20)
+    assert promotion_horizon_steps(rewind=RewindConfig(good_after_steps=10), guard=guard) == 51
+    assert promotion_horizon_steps(rewind=RewindConfig(good_after_steps=80), guard=guard) == 81

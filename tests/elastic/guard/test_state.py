@@ -140,7 +140,7 @@ def test_pending_rewind_survives_a_round_trip() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_onset_never_lies_further_back_than_the_documented_lag(seed: int) -> None:
-    """validate_retention relies on trigger - onset <= GuardConfig.max_onset_lag_steps."""
+    """Checkpoint retention (rewind_lookback_steps) relies on trigger - onset <= max_onset_lag."""
     config = GuardConfig()
     guard = Guard(config, RewindConfig(max_rewinds=1000))
     lags = []
