@@ -115,7 +115,8 @@ def _check_geometry(job: JobConfig, plan: BatchPlan) -> None:
     vocab = job.model.resolved().vocab_size
     if vocab < sampler.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={vocab}: smaller than the data's tokenizer ({sampler.vocab_size})"
+            f"model.vocab_size={vocab}: smaller than the data's tokenizer ({sampler.vocab_size} "
+            f"ids, from the shard index); set model.vocab_size to at least {sampler.vocab_size}"
         )
     for start in sorted({0, *(s.start_step for s in job.data.stages)}):
         seq_len = sampler.seq_len_at(start)

@@ -3,8 +3,8 @@
 Usage::
 
     python -m model.prepare --source NAME=URL[,URL...] [--source ...] --out DIR
-        [--tokenizer byte|bpe:VOCAB|PATH.json] [--holdout-fraction 0.01]
-        [--format text|jsonl] [--jsonl-field text]
+        [--tokenizer byte|bpe:VOCAB|hf:PATH|PATH] [--eos-token TOKEN]
+        [--holdout-fraction 0.01] [--format text|jsonl] [--jsonl-field text]
     python -m model.prepare --demo --out DIR
 
 Each ``--source`` becomes ``DIR/NAME/`` (see :mod:`model.shards`). Inputs are files: local paths
@@ -16,6 +16,11 @@ document per line in field ``--jsonl-field``. Without ``--format`` the extension
 
 ``--tokenizer bpe:VOCAB`` trains a byte-level BPE on (up to 4 MB of) every source first and saves
 it as ``DIR/tokenizer.json`` and ``DIR/NAME/tokenizer.json``; a path to such a file reuses it.
+``--tokenizer hf:PATH`` uses a HuggingFace ``tokenizer.json`` (local file) through the
+``tokenizers`` library, copied to the same places; documents are separated by its
+end-of-document token (``--eos-token``, else the first of ``<|end_of_text|>``,
+``<|endoftext|>``, ``</s>``, ``<eos>`` it has). Shards store ``uint32`` ids when the vocabulary
+has 65536 ids or more (``uint16`` below).
 
 Bad input prints one line on stderr naming the option and value and exits with 2.
 """
@@ -50,12 +55,23 @@ from model.shards import (
     local_path,
     open_shard,
 )
-from model.tokenizer import BPETokenizer, Tokenizer, get_tokenizer, train_bpe
+from model.tokenizer import (
+    BPETokenizer,
+    HFTokenizer,
+    Tokenizer,
+    TokenizerError,
+    UnknownTokenError,
+    get_tokenizer,
+    load_hf_tokenizer,
+    train_bpe,
+)
 
 DEMO_MANIFEST = "demo.json"
 DEMO_HOLDOUT_FRACTION = 0.02
 BPE_TRAIN_BYTES_PER_SOURCE = 4 * 2**20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+TOKENIZER_CHOICES = "byte, bpe:VOCAB, hf:PATH (a HuggingFace tokenizer.json) or a bpe file's path"
 
 
 class PrepareError(DataError):
@@ -154,14 +170,52 @@ def _bpe_sample(docs: Iterable[str]) -> Iterator[str]:
             return
 
 
-def check_tokenizer_spec(spec: str) -> None:
-    """Reject a bad ``--tokenizer`` before any input is read."""
-    if spec.startswith("bpe:"):
+def check_tokenizer_spec(spec: str, *, eos_token: str | None = None) -> None:
+    """Reject a bad ``--tokenizer`` or ``--eos-token`` before any input is read."""
+    if eos_token is not None and not spec.startswith("hf:"):
+        raise PrepareError(f"--eos-token={eos_token!r}: only for --tokenizer hf:PATH")
+    if spec.startswith("hf:"):
+        load_hf(spec, eos_token=eos_token)
+    elif spec.startswith("bpe:"):
         vocab = spec.removeprefix("bpe:")
         if not vocab.isdigit() or int(vocab) < 257:
             raise PrepareError(f"--tokenizer={spec!r}: expected bpe:VOCAB with VOCAB >= 257")
-    elif spec != "byte" and not os.path.isfile(spec):
-        raise PrepareError(f"--tokenizer={spec!r}: not byte, bpe:VOCAB or a tokenizer file")
+    elif spec != "byte":
+        load_bpe_file(spec)
+
+
+def load_hf(spec: str, *, eos_token: str | None = None) -> HFTokenizer:
+    """The HuggingFace tokenizer of ``--tokenizer hf:PATH`` (PrepareError naming the flag)."""
+    path = spec.removeprefix("hf:")
+    if not path:
+        raise PrepareError(f"--tokenizer={spec!r}: expected hf:PATH to a tokenizer.json")
+    if not os.path.isfile(path):
+        raise PrepareError(f"--tokenizer={spec!r}: no such local file {path!r}")
+    try:
+        return load_hf_tokenizer(path, eos_token=eos_token)
+    except UnknownTokenError:
+        raise PrepareError(f"--eos-token={eos_token!r}: not a token of {path}") from None
+    except TokenizerError as exc:
+        raise PrepareError(f"--tokenizer={spec!r}: {exc}") from None
+
+
+def load_bpe_file(spec: str) -> Tokenizer:
+    """The tokenizer file of ``--tokenizer PATH`` (one that ``bpe:VOCAB`` wrote)."""
+    if not os.path.isfile(spec):
+        scheme = _SCHEME.match(spec)
+        if scheme is not None:
+            raise PrepareError(
+                f"--tokenizer={spec!r}: unknown scheme {scheme.group(1)!r}; "
+                f"expected {TOKENIZER_CHOICES}"
+            )
+        raise PrepareError(f"--tokenizer={spec!r}: no such file; expected {TOKENIZER_CHOICES}")
+    try:
+        return get_tokenizer(spec)
+    except (ValueError, KeyError, TypeError):
+        raise PrepareError(
+            f"--tokenizer={spec!r}: not a bpe tokenizer file of prepare-data "
+            "(for a HuggingFace tokenizer.json use hf:PATH)"
+        ) from None
 
 
 def resolve_tokenizer(
@@ -170,17 +224,27 @@ def resolve_tokenizer(
     out_dir: str,
     sample: Callable[[], Iterable[str]],
     storage_options: StorageOptions = None,
+    eos_token: str | None = None,
 ) -> Tokenizer:
-    """``byte``, ``bpe:VOCAB`` (trained on ``sample()`` and saved) or a tokenizer JSON path."""
-    check_tokenizer_spec(spec)
-    if spec.startswith("bpe:"):
+    """``byte``, ``bpe:VOCAB`` (trained on ``sample()``), ``hf:PATH`` or a bpe file's path;
+    a trained or HuggingFace tokenizer is saved as ``out_dir/tokenizer.json``."""
+    tokenizer: Tokenizer
+    if spec.startswith("hf:"):
+        tokenizer = load_hf(spec, eos_token=eos_token)  # checks it (a large file: read once)
+    else:
+        check_tokenizer_spec(spec, eos_token=eos_token)
+        if spec == "byte":
+            return get_tokenizer(spec)
+        if not spec.startswith("bpe:"):
+            return load_bpe_file(spec)
         tokenizer = train_bpe(sample(), vocab_size=int(spec.removeprefix("bpe:")))
-        _write_text(out_dir, "tokenizer.json", tokenizer.to_json(), storage_options)
-        return tokenizer
-    try:
-        return get_tokenizer(spec)
-    except ValueError as exc:
-        raise PrepareError(f"--tokenizer={spec!r}: not byte, bpe:VOCAB or a file") from exc
+    _write_text(out_dir, "tokenizer.json", _saved_json(tokenizer), storage_options)
+    return tokenizer
+
+
+def _saved_json(tokenizer: Tokenizer) -> str:
+    assert isinstance(tokenizer, BPETokenizer | HFTokenizer)
+    return tokenizer.to_json()
 
 
 def _write_text(out_dir: str, name: str, text: str, storage_options: StorageOptions = None) -> None:
@@ -199,6 +263,7 @@ def prepare_documents(
     tokenizer: str = "byte",
     holdout_fraction: float = 0.01,
     storage_options: StorageOptions = None,
+    eos_token: str | None = None,
 ) -> dict[str, ShardIndex]:
     """Write one shard per source; ``sources[name]()`` yields that source's documents.
 
@@ -211,7 +276,11 @@ def prepare_documents(
             yield from _bpe_sample(docs())
 
     tok = resolve_tokenizer(
-        tokenizer, out_dir=out_dir, sample=sample, storage_options=storage_options
+        tokenizer,
+        out_dir=out_dir,
+        sample=sample,
+        storage_options=storage_options,
+        eos_token=eos_token,
     )
     indexes: dict[str, ShardIndex] = {}
     for name, docs in sources.items():
@@ -224,7 +293,7 @@ def prepare_documents(
             holdout_fraction=holdout_fraction,
             storage_options=storage_options,
         )
-        if isinstance(tok, BPETokenizer):
+        if isinstance(tok, BPETokenizer | HFTokenizer):
             _write_text(join_url(out_dir, name), "tokenizer.json", tok.to_json(), storage_options)
         indexes[name] = index
         log.info(
@@ -232,6 +301,8 @@ def prepare_documents(
             source=name,
             num_tokens=index.num_tokens,
             num_docs=index.num_docs,
+            vocab_size=index.vocab_size,
+            dtype=index.dtype,
             heldout_start=index.heldout_start,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -247,6 +318,7 @@ def prepare_sources(
     fmt: str | None = None,
     jsonl_field: str = "text",
     storage_options: StorageOptions = None,
+    eos_token: str | None = None,
 ) -> dict[str, ShardIndex]:
     """Shards from files: ``inputs[name]`` lists URLs or local glob patterns.
 
@@ -272,6 +344,7 @@ def prepare_sources(
         tokenizer=tokenizer,
         holdout_fraction=holdout_fraction,
         storage_options=storage_options,
+        eos_token=eos_token,
     )
 
 
@@ -280,6 +353,7 @@ def prepare_demo(
     *,
     tokenizer: str = "byte",
     max_bytes_per_source: int = corpus.MAX_SOURCE_BYTES,
+    eos_token: str | None = None,
 ) -> dict[str, ShardIndex]:
     """Build the demo corpus (:mod:`model.corpus`) into ``out_dir``, manifest written last."""
     collected = corpus.collect_demo(max_bytes_per_source=max_bytes_per_source)
@@ -288,6 +362,7 @@ def prepare_demo(
         str(out_dir),
         tokenizer=tokenizer,
         holdout_fraction=DEMO_HOLDOUT_FRACTION,
+        eos_token=eos_token,
     )
     weights = {name: corpus.DEMO_WEIGHTS[name] for name in indexes}
     manifest = {"format": 1, "weights": weights, "tokenizer": tokenizer}
@@ -342,7 +417,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", action="append", default=[], metavar="NAME=URL[,URL...]")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--demo", action="store_true", help="build the demo corpus into DIR")
-    parser.add_argument("--tokenizer", default="byte", metavar="byte|bpe:VOCAB|PATH")
+    parser.add_argument("--tokenizer", default="byte", metavar="byte|bpe:VOCAB|hf:PATH|PATH")
+    parser.add_argument(
+        "--eos-token",
+        default=None,
+        metavar="TOKEN",
+        help="hf: only: the token written after every document (default: the first of "
+        "<|end_of_text|>, <|endoftext|>, </s>, <eos> the tokenizer has)",
+    )
     parser.add_argument("--holdout-fraction", type=float, default=0.01)
     parser.add_argument("--format", choices=("text", "jsonl"), default=None)
     parser.add_argument("--jsonl-field", default="text")
@@ -370,7 +452,7 @@ def parse_sources(items: Sequence[str]) -> dict[str, list[str]]:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not 0.0 <= args.holdout_fraction < 0.5:
         raise PrepareError(f"--holdout-fraction={args.holdout_fraction!r}: must be in [0, 0.5)")
-    check_tokenizer_spec(args.tokenizer)
+    check_tokenizer_spec(args.tokenizer, eos_token=args.eos_token)
     if args.demo and args.source:
         raise PrepareError(f"--demo: builds its own sources; drop --source={args.source[0]!r}")
     if not args.demo and not args.source:
@@ -378,7 +460,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.demo:
         if not is_local(args.out):
             raise PrepareError(f"--out={args.out!r}: the demo corpus is built on local disk")
-        return prepare_demo(args.out, tokenizer=args.tokenizer)
+        return prepare_demo(args.out, tokenizer=args.tokenizer, eos_token=args.eos_token)
     return prepare_sources(
         parse_sources(args.source),
         args.out,
@@ -387,6 +469,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         fmt=args.format,
         jsonl_field=args.jsonl_field,
         storage_options=_storage_options(args.storage_options),
+        eos_token=args.eos_token,
     )
 
 
@@ -416,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         sources=sorted(indexes),
         num_tokens=sum(i.num_tokens for i in indexes.values()),
+        tokenizer=next(iter(indexes.values())).tokenizer,
+        vocab_size=next(iter(indexes.values())).vocab_size,
     )
     return 0
 

@@ -155,6 +155,12 @@ class ShardWriter:
         """Append one document (ids without EOS); empty documents are skipped."""
         if len(ids) == 0:
             return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            # astype() below would wrap such an id silently into a wrong token.
+            raise DataError(
+                f"{self.source}: token ids {int(ids.min())}..{int(ids.max())} outside the "
+                f"vocabulary 0..{self.vocab_size - 1} of tokenizer {self.tokenizer}"
+            )
         self._doc_starts.append(self.num_tokens)
         data = np.append(ids, self.eos_id).astype(self.dtype).tobytes()
         self._file.write(data)

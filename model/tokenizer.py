@@ -1,9 +1,10 @@
-"""Tokenizers: byte-level (the default) and a small byte-level BPE trained on local text.
+"""Tokenizers: byte-level (the default), a small byte-level BPE trained on local text, and any
+HuggingFace ``tokenizer.json`` (Llama, Mistral, GPT-2, Qwen...) through the ``tokenizers`` library.
 
-Both map text to ids over the same base: ids 0..255 are raw UTF-8 bytes and id 256 is EOS, the
-document separator written after every document in a shard. BPE adds merged byte sequences as
-ids 257.. in merge order. Decoding is lossless for valid UTF-8 (EOS is dropped); a window cut in
-the middle of a multi-byte character decodes with U+FFFD.
+The byte and BPE tokenizers map text to ids over the same base: ids 0..255 are raw UTF-8 bytes
+and id 256 is EOS, the document separator written after every document in a shard. BPE adds
+merged byte sequences as ids 257.. in merge order. Decoding is lossless for valid UTF-8 (EOS is
+dropped); a window cut in the middle of a multi-byte character decodes with U+FFFD.
 
 The BPE trainer is deliberately modest (pure Python, incremental pair counts, a few seconds for a
 vocabulary of ~1k on a few MB): it exists so a run can use a subword vocabulary without any
@@ -11,7 +12,10 @@ download, not to compete with production tokenizers. Text is first split into ch
 their leading space, digit runs, punctuation runs, whitespace) and merges never cross chunks, as
 in GPT-2.
 
-``get_tokenizer("byte")`` or ``get_tokenizer("path/to/tokenizer.json")``.
+``get_tokenizer("byte")`` or ``get_tokenizer("path/to/tokenizer.json")`` (a BPE file of ours);
+``load_hf_tokenizer(path)`` for a HuggingFace file. A HuggingFace tokenizer encodes without its
+special tokens (no BOS: documents are separated by its end-of-document token, as ours are by
+EOS); its ``vocab_size`` is its largest id + 1, added tokens included.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tokenizers
 
 EOS_ID = 256
 BYTE_VOCAB_SIZE = 257  # 256 bytes + EOS
@@ -182,6 +189,77 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int) -> BPETokenizer:
             else:
                 pair_counts.pop(pair, None)
     return BPETokenizer(merges)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (one line, for the caller to prefix)."""
+
+
+class UnknownTokenError(TokenizerError):
+    """A token named by the user that the tokenizer does not have."""
+
+
+# End-of-document tokens of common HuggingFace tokenizers, in the order they are tried:
+# Llama 3, GPT-2 / Qwen / Falcon, Llama 2 / Mistral / T5, Gemma.
+HF_EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+
+
+class HFTokenizer:
+    """A HuggingFace ``tokenizers.Tokenizer`` behind this module's :class:`Tokenizer` protocol.
+
+    ``name`` is ``hf-<vocab_size>-<sha256 of the file, 8 hex>``: shards made with different
+    files never mix (``model.mixture`` compares names).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, text: str, eos_token: str) -> None:
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise UnknownTokenError(f"{eos_token!r} is not a token of this tokenizer")
+        self._tokenizer = tokenizer
+        self._text = text
+        self.eos_token = eos_token
+        self.eos_id = int(eos_id)
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        self.name = f"hf-{self.vocab_size}-{digest}"
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` it was loaded from, unchanged."""
+        return self._text
+
+
+def load_hf_tokenizer(path: str | Path, *, eos_token: str | None = None) -> HFTokenizer:
+    """The HuggingFace tokenizer in ``path`` with its end-of-document token (``eos_token``, else
+    the first of :data:`HF_EOS_TOKENS` it knows). :class:`TokenizerError` when the file is
+    unreadable, not a tokenizer.json or has none of them; :class:`UnknownTokenError` when it
+    lacks ``eos_token``."""
+    import tokenizers  # only prepare-data needs it; the trainer never tokenizes
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"cannot read it ({exc})") from None
+    try:
+        tokenizer = tokenizers.Tokenizer.from_str(text)
+    except Exception as exc:  # the Rust parser raises plain Exception
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TokenizerError(f"not a HuggingFace tokenizer.json ({first[:200]})") from None
+    if eos_token is None:
+        known = [t for t in HF_EOS_TOKENS if tokenizer.token_to_id(t) is not None]
+        if not known:
+            raise TokenizerError(
+                f"no end-of-document token among {', '.join(HF_EOS_TOKENS)}; name one with "
+                "--eos-token"
+            )
+        eos_token = known[0]
+    return HFTokenizer(tokenizer, text=text, eos_token=eos_token)
 
 
 def get_tokenizer(name_or_path: str) -> Tokenizer:

@@ -12,10 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import structlog
+import torch
 
-from model import corpus, prepare
+from elastic.config import ConfigError, build
+from elastic.worker.dist import DistInfo
+from model import batches, corpus, prepare
+from model.config import JobConfig
 from model.shards import ShardIndex, open_shard, resolve_shard_url, verify_shard
-from model.tokenizer import EOS_ID, ByteTokenizer, get_tokenizer
+from model.tokenizer import EOS_ID, ByteTokenizer, get_tokenizer, load_hf_tokenizer
+from tests.model.hf_files import LLAMA_EOS_ID, THE_ID, llama_like, tiny_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [f"document {i}: " + "lorem ipsum dolor sit amet " * (5 + i) for i in range(40)]
@@ -96,6 +101,81 @@ def test_bpe_tokenizer_is_trained_saved_and_recorded(inputs: Path, tmp_path: Pat
     assert indexes["txt"].num_tokens < sum(len(d) + 1 for d in DOCS[:20]) * 0.6
 
 
+def _split_docs(out: Path, name: str, *, eos_id: int) -> list[np.ndarray]:
+    shard = open_shard(str(out / name))
+    tokens = shard.window(0, shard.index.num_tokens)
+    assert tokens[-1] == eos_id
+    return np.split(tokens, np.flatnonzero(tokens == eos_id) + 1)[:-1]
+
+
+def test_hf_tokenizer_makes_shards_in_its_ids_and_keeps_a_copy(inputs: Path, tmp_path: Path):
+    path = tiny_bpe(tmp_path / "tokenizer.json", DOCS)
+    out = tmp_path / "out"
+    indexes = prepare.prepare_sources(
+        {"txt": [str(inputs / "txt")]}, str(out), tokenizer=f"hf:{path}"
+    )
+    tok = load_hf_tokenizer(path)
+    index = indexes["txt"]
+    assert (index.tokenizer, index.vocab_size, index.dtype) == (tok.name, tok.vocab_size, "uint16")
+    assert [tok.decode(d.tolist()) for d in _split_docs(out, "txt", eos_id=tok.eos_id)] == DOCS[:20]
+    assert index.num_tokens < sum(len(d) + 1 for d in DOCS[:20]) * 0.6  # subwords, not bytes
+    for copy in (out / "tokenizer.json", out / "txt" / "tokenizer.json"):
+        assert copy.read_bytes() == path.read_bytes()
+
+
+def test_a_vocabulary_past_65535_ids_is_stored_as_uint32(inputs: Path, tmp_path: Path):
+    path = llama_like(tmp_path / "tokenizer.json")
+    out = tmp_path / "out"
+    index = prepare.prepare_sources(
+        {"txt": [str(inputs / "txt")]}, str(out), tokenizer=f"hf:{path}"
+    )["txt"]
+    assert (index.vocab_size, index.dtype) == (LLAMA_EOS_ID + 1, "uint32")
+    docs = _split_docs(out, "txt", eos_id=LLAMA_EOS_ID)
+    assert len(docs) == 20 and all(THE_ID not in d for d in docs)  # DOCS have no " the"
+    assert load_hf_tokenizer(path).decode(docs[3].tolist()) == DOCS[3]
+
+
+def test_ids_past_uint16_read_back_unchanged(tmp_path: Path):
+    (tmp_path / "in.txt").write_text("in the end " * 50, encoding="utf-8")
+    path = llama_like(tmp_path / "tokenizer.json")
+    source = {"t": [str(tmp_path / "in.txt")]}
+    prepare.prepare_sources(source, str(tmp_path / "out"), tokenizer=f"hf:{path}")
+    tokens = open_shard(str(tmp_path / "out" / "t")).window(0, 8)
+    assert tokens.tolist() == [72, 77, THE_ID, 220, 68, 77, 67, 220]  # "in the end "
+
+
+def _hf_job(tmp_path: Path, **model: int) -> JobConfig:
+    (tmp_path / "in.txt").write_text("in the end " * 400, encoding="utf-8")
+    path = llama_like(tmp_path / "tokenizer.json")
+    source = {"t": [str(tmp_path / "in.txt")]}
+    prepare.prepare_sources(source, str(tmp_path / "out"), tokenizer=f"hf:{path}")
+    document = {
+        "run_dir": str(tmp_path / "run"),
+        "model": dict(model),
+        "data": {"sources": [{"name": "t", "url": str(tmp_path / "out" / "t")}]},
+        "train": {"seq_len": 16, "global_batch_tokens": 64, "micro_batch_size": 4},
+    }
+    return build(JobConfig, document)
+
+
+def test_the_trainer_refuses_a_model_vocab_smaller_than_the_shards_naming_the_key(tmp_path: Path):
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ConfigError) as refused:
+        batches.build_sampler(_hf_job(tmp_path), info)  # the tiny preset: 257 ids
+    assert str(refused.value) == (
+        "model.vocab_size=257: smaller than the data's tokenizer (128002 ids, from the shard "
+        "index); set model.vocab_size to at least 128002"
+    )
+
+
+def test_the_trainer_gets_ids_past_uint16_with_model_vocab_size_set(tmp_path: Path):
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    plan = batches.build_sampler(_hf_job(tmp_path, vocab_size=LLAMA_EOS_ID + 1), info)
+    assert plan.sampler.vocab_size == LLAMA_EOS_ID + 1
+    ((inputs, targets),) = plan.local(0)
+    assert THE_ID in inputs.tolist()[0] and int(targets.max()) <= LLAMA_EOS_ID
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "model.prepare", *args],
@@ -121,6 +201,80 @@ def test_cli_exits_2_with_one_line_naming_a_missing_input(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "--source=" in result.stderr and "nope/*.txt" in result.stderr
+
+
+def test_cli_prepares_with_an_hf_tokenizer_and_logs_its_vocab(inputs: Path, tmp_path: Path):
+    path = llama_like(tmp_path / "tokenizer.json")
+    out = tmp_path / "out"
+    result = _cli("--source", f"a={inputs}/txt", "--out", str(out), "--tokenizer", f"hf:{path}")
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout.splitlines()[-1])
+    assert done["event"] == "prepare_done" and done["vocab_size"] == LLAMA_EOS_ID + 1
+    assert open_shard(str(out / "a")).index.dtype == "uint32"
+
+
+def _bad_tokenizer_files(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "other.json").write_text('{"model": 1}', encoding="utf-8")
+    tiny_bpe(tmp_path / "no_eos.json", DOCS, special=("<pad>",))
+    return {
+        "hf_missing": f"hf:{tmp_path}/missing/tokenizer.json",
+        "hf_broken": f"hf:{tmp_path}/broken.json",
+        "hf_other": f"hf:{tmp_path}/other.json",
+        "hf_no_eos": f"hf:{tmp_path}/no_eos.json",
+        "hf_plain_path": str(llama_like(tmp_path / "llama.json")),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("hf_missing", "no such local file"),
+        ("hf_broken", "not a HuggingFace tokenizer.json"),
+        ("hf_other", "not a HuggingFace tokenizer.json"),
+        ("hf_no_eos", "name one with --eos-token"),
+        ("hf_plain_path", "use hf:PATH"),
+        ("hf:", "expected hf:PATH"),
+        ("sp:tok.model", "unknown scheme 'sp'"),
+        ("no/such/file.json", "no such file"),
+    ],
+)
+def test_a_bad_tokenizer_value_exits_2_with_one_line_naming_flag_and_value(
+    value: str,
+    expected: str,
+    inputs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    spec = _bad_tokenizer_files(tmp_path).get(value, value)
+    args = ["--source", f"a={inputs}/txt", "--out", str(tmp_path / "out"), "--tokenizer", spec]
+    assert prepare.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"prepare-data: --tokenizer={spec!r}: ")
+    assert expected in err
+    assert not (tmp_path / "out").exists()  # refused before anything is read or written
+
+
+def test_a_bad_eos_token_exits_2_naming_it(
+    inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = llama_like(tmp_path / "tokenizer.json")
+    base = ["--source", f"a={inputs}/txt", "--out", str(tmp_path / "out")]
+    assert prepare.main([*base, "--tokenizer", f"hf:{path}", "--eos-token", "<nope>"]) == 2
+    assert capsys.readouterr().err == (
+        f"prepare-data: --eos-token='<nope>': not a token of {path}\n"
+    )
+    assert prepare.main([*base, "--eos-token", "</s>"]) == 2
+    assert "--eos-token='</s>': only for --tokenizer hf:PATH" in capsys.readouterr().err
+
+
+def test_the_eos_token_can_be_named(inputs: Path, tmp_path: Path):
+    path = llama_like(tmp_path / "tokenizer.json")
+    out = tmp_path / "out"
+    args = ["--source", f"a={inputs}/txt", "--out", str(out), "--tokenizer", f"hf:{path}"]
+    assert prepare.main([*args, "--eos-token", "<|begin_of_text|>"]) == 0
+    shard = open_shard(str(out / "a"))
+    assert shard.window(0, shard.index.num_tokens)[-1] == 128000
 
 
 @pytest.mark.parametrize(
