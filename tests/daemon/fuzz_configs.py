@@ -108,6 +108,7 @@ VALID: dict[tuple[str, str], str] = {
     ("data.stages[0].start_step", "zero"): "a stage from step 0",
     ("train.warmup_steps", "zero"): "no warmup",
     ("train.weight_decay", "zero"): "no weight decay",
+    ("train.peak_flops_per_device", "zero"): "0: the worker API's table of known GPUs",
     ("train.beta1", "zero"): "AdamW accepts beta 0",
     ("train.beta2", "zero"): "AdamW accepts beta 0",
     ("train.seed", "zero"): "seed 0",
