@@ -404,11 +404,13 @@ class _PlannerSink:
             self._planner.commit_tensor(read, target)
 
     def whole(self, blob: memoryview) -> None:
+        saved: torch.Tensor | None = None  # parsed once for every read of this item
         for read in self._reads:
             if read.type == LoadItemType.BYTE_IO:
                 self._planner.load_bytes(read, io.BytesIO(bytes(blob)))
-            else:
-                self._reader.copy_into(read, _saved_tensor(blob), self._planner)
+                continue
+            saved = _saved_tensor(blob) if saved is None else saved
+            self._reader.copy_into(read, saved, self._planner)
 
 
 def _saved_tensor(blob: memoryview) -> torch.Tensor:
